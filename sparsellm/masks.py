@@ -1,0 +1,125 @@
+"""Sparsity targets and mask selection.
+
+A mask is a boolean tensor shaped like the weight where ``True`` marks a weight to *prune*.
+Selection is by rank (stable sort), never by ``<= threshold``: quantised checkpoints have many
+tied magnitudes, and a threshold would overshoot the target. Ties go to the lower index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class SparsityTarget:
+    """What to reach in each pruned weight matrix.
+
+    Either ``sparsity`` (unstructured fraction of zeros) or an N:M pattern: in every group of
+    ``m`` consecutive weights along the input dimension at most ``n`` stay non-zero (the
+    hardware convention: 2:4 keeps 2 of every 4, i.e. 50% sparsity).
+    """
+
+    sparsity: float = 0.0
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m is not None
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of zeros this target produces."""
+        return 1.0 - self.n / self.m if self.is_nm else self.sparsity
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%}"
+
+    @classmethod
+    def parse(cls, sparsity: float | None = None, pattern: str | None = None) -> SparsityTarget:
+        """Build a target from a ``sparsity`` fraction or an ``"N:M"`` string, validating both."""
+        if pattern is not None and sparsity is not None:
+            raise ValueError("give either sparsity or pattern, not both")
+        if pattern is not None:
+            match = _PATTERN.match(str(pattern))
+            if not match:
+                raise ValueError(f"pattern {pattern!r} is not of the form N:M (e.g. 2:4)")
+            n, m = int(match.group(1)), int(match.group(2))
+            if n <= 0 or m <= 0 or n >= m:
+                raise ValueError(f"pattern {pattern!r} needs 0 < N < M")
+            return cls(n=n, m=m)
+        if sparsity is None:
+            raise ValueError("give a sparsity or a pattern")
+        sparsity = float(sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity {sparsity} is outside [0, 1)")
+        return cls(sparsity=sparsity)
+
+
+def prune_counts(sizes: list[int] | torch.Tensor, sparsity: float) -> torch.Tensor:
+    """How many entries to prune in each of consecutive groups of the given sizes.
+
+    Cumulative rounding makes the counts add up to exactly ``round(sparsity * sum(sizes))``
+    while every group stays within one of its own share.
+    """
+    sizes = torch.as_tensor(sizes, dtype=torch.float64)
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), sizes.cumsum(0)])
+    targets = torch.round(cumulative * sparsity).long()
+    return targets[1:] - targets[:-1]
+
+
+def smallest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` smallest entries of ``scores`` (any shape), ties to lower index."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
+    if count > 0:
+        order = torch.sort(flat, stable=True).indices
+        mask[order[:count]] = True
+    return mask.view_as(scores)
+
+
+def rowwise_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the smallest scores of every row; rows share the layer's exact total."""
+    rows, cols = scores.shape
+    counts = prune_counts([cols] * rows, sparsity).to(scores.device)
+    order = torch.sort(scores, dim=1, stable=True).indices
+    ranks = torch.arange(cols, device=scores.device).expand(rows, cols)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, order, ranks < counts.unsqueeze(1))
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune the ``m - n`` smallest scores in every group of ``m`` consecutive columns."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"{cols} input features are not a multiple of M={m}")
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices
+    ranks = torch.arange(m, device=scores.device).expand_as(groups)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, order, ranks < (m - n))
+    return mask.reshape(rows, cols)
+
+
+def select_mask(scores: torch.Tensor, target: SparsityTarget, per_row: bool = False) -> torch.Tensor:
+    """Mask for a whole matrix: N:M groups, per-row top-k, or whole-matrix top-k."""
+    if target.is_nm:
+        return nm_mask(scores, target.n, target.m)
+    if per_row:
+        return rowwise_mask(scores, target.sparsity)
+    return smallest_mask(scores, int(prune_counts([scores.numel()], target.sparsity)[0]))
+
+
+def is_valid_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` consecutive input weights has at most ``n`` non-zeros."""
+    rows, cols = weight.shape
+    if cols % m:
+        return False
+    nonzero = (weight.reshape(rows, cols // m, m) != 0).sum(dim=2)
+    return bool((nonzero <= n).all())
