@@ -107,7 +107,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def select_mask(scores: torch.Tensor, target: SparsityTarget, per_row: bool = False) -> torch.Tensor:
+def select_mask(
+    scores: torch.Tensor, target: SparsityTarget, per_row: bool = False
+) -> torch.Tensor:
     """Mask for a whole matrix: N:M groups, per-row top-k, or whole-matrix top-k."""
     if target.is_nm:
         return nm_mask(scores, target.n, target.m)

@@ -72,8 +72,8 @@ def relative_output_error(
     weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.Tensor
 ) -> float:
     """``‖(W − Ŵ)X‖² / ‖W X‖²`` over the calibration tokens, computed from ``H = X Xᵀ``."""
-    delta = (weight - new_weight).float()
-    hessian = hessian.float()
+    weight, hessian = weight.detach().float(), hessian.detach().float()
+    delta = weight - new_weight.detach().float()
     num = ((delta @ hessian) * delta).sum()
-    den = ((weight.float() @ hessian) * weight.float()).sum()
+    den = ((weight @ hessian) * weight).sum()
     return float(num / den) if den > 0 else float(num)

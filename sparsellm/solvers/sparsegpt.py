@@ -50,7 +50,9 @@ def obs_prune(
 
     starts = list(range(0, cols, blocksize))
     if not target.is_nm:
-        counts = prune_counts([rows * (min(s + blocksize, cols) - s) for s in starts], target.sparsity)
+        counts = prune_counts(
+            [rows * (min(s + blocksize, cols) - s) for s in starts], target.sparsity
+        )
     mask = torch.zeros_like(W, dtype=torch.bool)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
 
@@ -82,6 +84,4 @@ def obs_prune(
         if i2 < cols:
             W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1.0)
 
-    return SolveResult(
-        weight=W, loss=float(loss) / 2, damping=damping, damping_retries=retries
-    )
+    return SolveResult(weight=W, loss=float(loss) / 2, damping=damping, damping_retries=retries)

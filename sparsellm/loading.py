@@ -1,0 +1,95 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory or a ``.gguf`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sparsellm.errors import UserError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class ModelLoadError(UserError):
+    """The model could not be found or loaded."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """``auto`` keeps the checkpoint's dtype on accelerators and uses float32 on the CPU,
+    where half-precision matmuls are slow or missing."""
+    if name == "auto":
+        return "auto" if device.type != "cpu" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A regular model with the same weights: a GGUF-flagged model refuses save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    return plain
+
+
+def load_model_and_tokenizer(
+    spec: str, dtype: str = "auto", device: torch.device | None = None
+) -> tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)`` for a hub id, a local directory or a ``.gguf`` file, on the host.
+
+    Raises :class:`ModelLoadError` with a one-line explanation when it cannot.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # Our own progress bars cover the long steps; the per-tensor loading bar is noise.
+    hf_logging.disable_progress_bar()
+    device = device or torch.device("cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    path = Path(spec)
+    kwargs: dict = {"dtype": torch_dtype}
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"model file {spec!r} does not exist")
+        location, kwargs["gguf_file"] = str(path.parent), path.name
+        if torch_dtype == "auto":
+            kwargs["dtype"] = torch.float32  # GGUF weights are dequantised anyway
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {spec!r} has no config.json")
+        location = str(path)
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model path {spec!r} does not exist")
+    else:
+        location = spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **_only_gguf(kwargs))
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            ""
+            if path.exists()
+            else "; it is not a local path and could not be loaded from the Hugging Face Hub "
+            "or its cache (offline?) — download it first or pass a local directory or .gguf file"
+        )
+        raise ModelLoadError(f"cannot load model {spec!r}: {reason}{hint}") from None
+    model.eval()
+    if "gguf_file" in kwargs:
+        model = _plain_copy(model)
+    return model, tokenizer
+
+
+def _only_gguf(kwargs: dict) -> dict:
+    return {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}

@@ -1,0 +1,47 @@
+"""Architecture adapters, chosen by the model's layout rather than its class name, so that
+new releases with a known layout (e.g. another LLaMA-style model) work unchanged."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sparsellm.models.base import (
+    Adapter,
+    FeedForward,
+    UnsupportedModelError,
+    linear_weight,
+    set_linear_weight,
+)
+from sparsellm.models.gpt2 import GPT2Adapter
+from sparsellm.models.llama import LlamaAdapter
+from sparsellm.models.opt import OPTAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter)
+
+
+def supported_families() -> str:
+    """One line naming the supported families and examples."""
+    return "; ".join(f"{a.family} ({a.examples})" for a in ADAPTERS)
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter whose layout ``model`` has; :class:`UnsupportedModelError` otherwise."""
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter(model)
+    name = type(model).__name__
+    raise UnsupportedModelError(
+        f"unsupported architecture {name}: supported families are {supported_families()}"
+    )
+
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "FeedForward",
+    "UnsupportedModelError",
+    "get_adapter",
+    "linear_weight",
+    "set_linear_weight",
+    "supported_families",
+]

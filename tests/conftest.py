@@ -1,0 +1,99 @@
+"""Tiny random-init models of each supported family and a byte-level tokenizer (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+VOCAB = 256  # one token per byte
+
+# Tiny models gain nothing from threads, and thread spin-waits make them slow on a busy machine.
+torch.set_num_threads(1)
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, num_attention_heads=4, num_hidden_layers=2)
+    if family == "llama":
+        return tf.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common
+        )
+    if family == "qwen2":
+        return tf.Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_key_value_heads=2, **common
+        )
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, **common)
+    if family == "opt350":  # project_in / project_out and post-layer-norm blocks, as OPT-350m
+        return tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=False,
+            **common,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "qwen2", "opt", "opt350", "gpt2")
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=dtype)
+    return model.eval()
+
+
+def byte_tokenizer():
+    """A fast tokenizer mapping each UTF-8 byte to one id, saveable with save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=sorted(alphabet)[0])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def calibration_text() -> Path:
+    return FIXTURES / "calibration.txt"
+
+
+@pytest.fixture(scope="session")
+def calibration_ids(tokenizer, calibration_text) -> torch.Tensor:
+    from sparsellm.data import calibration_windows
+
+    return calibration_windows(str(calibration_text), tokenizer, nsamples=16, seqlen=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny LLaMA saved as an ordinary Hugging Face directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,113 @@
+"""finetune(): sparse fine-tuning of a pruned tiny model keeps its zeros and learns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sparsellm.finetune import FinetuneReport, finetune, lr_factor
+from sparsellm.optim import sparsifiable_parameters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the
+    OpenMP workers spin-wait: one thread is many times faster here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pruned_tiny_llama(seed: int = 0) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for _, p in sparsifiable_parameters(model):
+            order = torch.sort(p.abs().reshape(-1), stable=True).indices
+            p.view(-1)[order[: p.numel() // 2]] = 0
+    return model
+
+
+def repetitive_windows() -> torch.Tensor:
+    """A period-8 token pattern cut into 8 windows of 16 tokens: trivially learnable."""
+    stream = torch.tensor([3, 17, 42, 5, 99, 64, 7, 120]).repeat(16)
+    return stream.reshape(8, 16)
+
+
+def test_lr_factor_warmup_then_cosine_and_linear():
+    kw = {"steps": 10, "warmup_steps": 2}
+    assert [lr_factor(s, **kw) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, **kw) == 1.0
+    assert lr_factor(6, **kw) == pytest.approx(0.5)  # halfway through 8 decay steps
+    assert lr_factor(9, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert lr_factor(6, schedule="linear", **kw) == pytest.approx(0.5)
+    assert lr_factor(9, schedule="constant", **kw) == 1.0
+    assert all(lr_factor(s, **kw) > 0 for s in range(10))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(5, schedule="step", **kw)
+
+
+def test_finetune_learns_and_keeps_sparsity_exact():
+    model = pruned_tiny_llama()
+    selected = sparsifiable_parameters(model)
+    zeros = {name: (p == 0).clone() for name, p in selected}
+    embed_before = model.model.embed_tokens.weight.detach().clone()
+    windows = repetitive_windows()
+
+    report = finetune(
+        model,
+        windows,
+        steps=20,
+        lr=1e-2,
+        batch_size=4,
+        eval_windows=windows,
+        weight_decay=0.1,
+        warmup_steps=2,
+        seed=0,
+        progress=False,
+    )
+
+    assert isinstance(report, FinetuneReport)
+    assert report.sparsity_before == 0.5
+    assert report.sparsity_after == 0.5
+    for name, p in selected:
+        assert torch.equal(p.detach() == 0, zeros[name]), name
+    # The pattern is learnable: perplexity on it collapses from ~vocab size.
+    assert report.perplexity_before > 100
+    assert report.perplexity_after < 0.2 * report.perplexity_before
+    assert len(report.losses) == 20
+    assert report.train_loss_last < report.train_loss_first - 1.0
+    assert not torch.equal(model.model.embed_tokens.weight, embed_before)  # all params train
+    assert not model.training
+    assert report.sparsified_tensors == 14
+    assert report.tokens_seen == 20 * 4 * 16
+    data = report.to_dict()
+    assert json.loads(json.dumps(data))["steps"] == 20
+
+
+def test_finetune_is_seeded_and_validates():
+    windows = repetitive_windows()
+    runs = [
+        finetune(pruned_tiny_llama(), windows, steps=3, lr=1e-3, batch_size=3, progress=False)
+        for _ in range(2)
+    ]
+    assert runs[0].losses == runs[1].losses
+    assert runs[0].perplexity_before is None and runs[0].perplexity_after is None
+    assert runs[0].warmup_steps == 0  # 10% of 3 steps
+    with pytest.raises(ValueError, match="steps"):
+        finetune(pruned_tiny_llama(), windows, steps=0, progress=False)
+    with pytest.raises(ValueError, match="train_windows"):
+        finetune(pruned_tiny_llama(), windows[0], steps=1, progress=False)
