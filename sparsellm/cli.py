@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 
 from sparsellm.config import (
     ConfigError,
@@ -21,6 +22,8 @@ from sparsellm.config import (
 from sparsellm.data import check_source, describe_sources
 from sparsellm.errors import UserError
 from sparsellm.solvers import SOLVERS, NumericalError, Statistic
+
+REPORT = "sparsity_report.json"
 
 
 def _prune_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +51,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dampening", type=float, help="Hessian damping, fraction of mean diagonal")
     p.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")
     p.add_argument(
-        "--batch-size", type=int, help="calibration windows per forward pass (default 8)"
+        "--batch-size", type=int, help="calibration windows per forward pass (default 16)"
     )
     p.add_argument("--skip", help="regex on layer names to leave dense (e.g. 'layers\\.0\\.')")
     p.add_argument(
@@ -86,11 +89,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sparsellm: error: {message} (see '{self.prog} --help')\n")
 
 
+def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="sparse fine-tuning of a pruned model",
+        description="Fine-tune a pruned model with its zeros held at zero (or, with "
+        "--target-sparsity, sparsify a model while training) and save it.",
+    )
+    p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")
+    p.add_argument("--model", help="pruned model directory, hub id or .gguf file")
+    p.add_argument("--output", help="directory to write the fine-tuned model to")
+    p.add_argument("--data", help=f"training text (default builtin): {describe_sources()}")
+    p.add_argument("--eval", help="held-out text (default: the last 10%% of --data)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-4)")
+    p.add_argument("--batch-size", type=int, help="windows per step (default 4)")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
+    p.add_argument("--eval-windows", type=int, help="held-out windows to score (default 64)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up (default 10%% of steps)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--target-sparsity", type=float, help="sparsify to this while training")
+    p.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", help="auto (default), float32, float16 or bfloat16")
+    p.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace a non-empty output"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsellm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
     _eval_parser(sub)
+    _finetune_parser(sub)
     return parser
 
 
@@ -104,7 +138,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from sparsellm.api import default_device, prune_model
     from sparsellm.evaluation import windows_perplexity
     from sparsellm.loading import load_model_and_tokenizer
-    from sparsellm.saving import save_pruned
+    from sparsellm.saving import save_model
 
     started = time.perf_counter()
     recipe = load_recipe(args.recipe, PruneConfig) if args.recipe else {}
@@ -167,9 +201,8 @@ def run_prune(args: argparse.Namespace) -> int:
         )
         report.perplexity = perplexity
         model.to("cpu")
-    output = save_pruned(model, tokenizer, report, config.output)
     report.timings["total"] = time.perf_counter() - started
-    report.save(output / "sparsity_report.json")
+    output = save_model(model, tokenizer, {REPORT: report.to_dict()}, config.output)
     print(report.summary())
     print(f"pruned model written to {output}")
     return 0
@@ -201,6 +234,58 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"perplexity {ppl:.4f} ({config.model} on {config.dataset}, seqlen {config.seqlen})")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from sparsellm.api import default_device
+    from sparsellm.config import FinetuneConfig, validate_finetune
+    from sparsellm.data import consecutive_windows, evaluation_windows, load_text, tokenize
+    from sparsellm.finetune import finetune
+    from sparsellm.loading import load_model_and_tokenizer
+    from sparsellm.saving import save_model
+
+    recipe = load_recipe(args.recipe, FinetuneConfig) if args.recipe else {}
+    config: FinetuneConfig = merge(FinetuneConfig, recipe, _options(args, FinetuneConfig))
+    validate_finetune(config)
+    check_source(config.data)
+    if config.eval:
+        check_source(config.eval)
+    device = default_device(config.device)
+    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
+
+    ids = tokenize(load_text(config.data, split="train"), tokenizer)
+    if config.eval:
+        held_out = evaluation_windows(config.eval, tokenizer, config.seqlen, config.eval_windows)
+    else:
+        split = int(ids.numel() * 0.9)
+        ids, rest = ids[:split], ids[split:]
+        held_out = consecutive_windows(rest, config.seqlen, config.eval_windows)
+    train = consecutive_windows(ids, config.seqlen, None)
+
+    result = finetune(
+        model,
+        train,
+        steps=config.steps,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        eval_windows=held_out,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        device=device,
+        progress=not args.quiet,
+        target_sparsity=config.target_sparsity,
+    )
+    model.to("cpu")
+    report = {"config": asdict(config), **result.to_dict()}
+    output = save_model(model, tokenizer, {"finetune_report.json": report}, config.output)
+    print(
+        f"fine-tuned {config.steps} steps in {result.seconds:.0f} s: held-out perplexity "
+        f"{result.perplexity_before:.3f} -> {result.perplexity_after:.3f}, sparsity "
+        f"{result.sparsity_before:.2%} -> {result.sparsity_after:.2%}"
+    )
+    print(f"model written to {output}")
     return 0
 
 

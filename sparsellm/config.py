@@ -41,7 +41,7 @@ class PruneConfig:
     dtype: str = "auto"
     dampening: float = 0.01
     blocksize: int = 128
-    batch_size: int = 8
+    batch_size: int = 16
     skip: str | None = None
     overwrite: bool = False
     eval: str | None = None  # text source for before/after perplexity
@@ -73,6 +73,56 @@ class EvalConfig:
     batch_size: int = 4
     device: str | None = None
     dtype: str = "auto"
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of ``sparsellm finetune``."""
+
+    model: str | None = None
+    output: str | None = None
+    data: str = "builtin"
+    eval: str | None = None  # held-out text; default: the last 10% of ``data``
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    seqlen: int = 512
+    eval_windows: int | None = 64
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    target_sparsity: float | None = None  # sparsify while training instead of keeping the mask
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "auto"
+    overwrite: bool = False
+
+
+def check_output(output: str | None, overwrite: bool) -> None:
+    """An output directory that may be written: absent, empty, or ``overwrite`` given."""
+    if not output:
+        raise ConfigError("no output directory given (--output or 'output' in the recipe)")
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output {output!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"output directory {output!r} is not empty; pass --overwrite to replace it"
+        )
+
+
+def validate_finetune(config: FinetuneConfig) -> None:
+    """Check ``config`` completely before anything is loaded."""
+    if not config.model:
+        raise ConfigError("no model given (--model or 'model' in the recipe)")
+    for name in ("steps", "batch_size", "seqlen"):
+        _positive_int(name, getattr(config, name))
+    if config.eval_windows is not None:
+        _positive_int("eval_windows", config.eval_windows)
+    if not isinstance(config.lr, int | float) or not config.lr > 0:
+        raise ConfigError(f"lr must be a positive number, got {config.lr!r}")
+    if config.target_sparsity is not None and not 0 <= config.target_sparsity < 1:
+        raise ConfigError(f"target_sparsity {config.target_sparsity} is outside [0, 1)")
+    check_output(config.output, config.overwrite)
 
 
 def load_recipe(path: str | Path, schema: type) -> dict:
@@ -137,13 +187,5 @@ def validate_prune(config: PruneConfig, require_io: bool = True) -> SparsityTarg
     if require_io:
         if not config.model:
             raise ConfigError("no model given (--model or 'model' in the recipe)")
-        if not config.output:
-            raise ConfigError("no output directory given (--output or 'output' in the recipe)")
-        output = Path(config.output)
-        if output.exists() and not output.is_dir():
-            raise ConfigError(f"output {config.output!r} exists and is not a directory")
-        if output.is_dir() and any(output.iterdir()) and not config.overwrite:
-            raise ConfigError(
-                f"output directory {config.output!r} is not empty; pass --overwrite to replace it"
-            )
+        check_output(config.output, config.overwrite)
     return target

@@ -55,7 +55,7 @@ class EngineOptions:
     """Knobs shared by every method."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    batch_size: int = 8
+    batch_size: int = 16
     dampening: float = 0.01
     blocksize: int = 128
     skip: str | None = None  # regex on full layer names: matching layers stay dense

@@ -8,6 +8,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+LOGITS_BUDGET_BYTES = 512 * 2**20
+
+
+def logits_batch_limit(model: torch.nn.Module, seqlen: int) -> int:
+    """Windows per batch whose float32 logits fit the budget: with a 50k-token vocabulary the
+    logits, not the model, dominate peak memory."""
+    vocab = getattr(model.config, "vocab_size", None) or 1
+    return max(1, LOGITS_BUDGET_BYTES // (seqlen * vocab * 4 * 2))
+
 
 @torch.no_grad()
 def windows_nll(
@@ -21,6 +30,7 @@ def windows_nll(
     """Summed next-token negative log-likelihood over ``windows`` [n, seqlen] and the count of
     predicted tokens (``n × (seqlen − 1)``)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    batch_size = min(batch_size, logits_batch_limit(model, windows.shape[1]))
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)

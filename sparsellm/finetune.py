@@ -96,6 +96,8 @@ def finetune(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    target_sparsity: float | None = None,
+    schedule_steps: int | None = None,
 ) -> FinetuneReport:
     """Fine-tune ``model`` on ``train_windows`` [n, seqlen] of token ids with its zeros frozen.
 
@@ -106,6 +108,11 @@ def finetune(
     cycle through the windows in a seeded random order; LR follows :func:`lr_factor`
     (``warmup_steps`` defaults to 10% of ``steps``); gradients (with the frozen entries
     masked out first) are clipped to ``max_grad_norm``.
+
+    With ``target_sparsity`` the run *sparsifies while training* instead: the selected weights
+    follow the cubic schedule from their current sparsity to ``target_sparsity`` over
+    ``schedule_steps`` (default: 3/4 of ``steps``), the remaining steps train under the final
+    mask.
 
     ``device``: where to train (the model is moved there); default: where the model is.
     Perplexity before/after is measured on ``eval_windows`` if given. The model is left in eval
@@ -144,7 +151,16 @@ def finetune(
         groups.append({"params": no_decay, "weight_decay": 0.0})
     base = torch.optim.AdamW(groups, lr=lr)
     selected = [(n, p) for n, p in sparsifiable_parameters(model) if p.requires_grad]
-    optimizer = SparseOptimizer(base, params_to_sparsify=selected, model=model, keep_mask=True)
+    if target_sparsity is None:
+        optimizer = SparseOptimizer(base, params_to_sparsify=selected, model=model, keep_mask=True)
+    else:
+        optimizer = SparseOptimizer(
+            base,
+            params_to_sparsify=selected,
+            model=model,
+            target_sparsity=target_sparsity,
+            schedule_steps=schedule_steps or max(1, (3 * steps) // 4),
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=lr_schedule),

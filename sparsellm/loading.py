@@ -30,17 +30,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
         raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
-def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A regular model with the same weights: a GGUF-flagged model refuses save_pretrained."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    plain.load_state_dict(model.state_dict())
-    plain.eval()
-    return plain
+def _drop_gguf_flag(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a GGUF-loaded model a plain one: its weights are already dequantised, but the
+    quantiser flag makes ``save_pretrained`` refuse. Done in place to avoid a second copy."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model
 
 
 def load_model_and_tokenizer(
@@ -87,7 +83,7 @@ def load_model_and_tokenizer(
         raise ModelLoadError(f"cannot load model {spec!r}: {reason}{hint}") from None
     model.eval()
     if "gguf_file" in kwargs:
-        model = _plain_copy(model)
+        model = _drop_gguf_flag(model)
     return model, tokenizer
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -9,15 +10,12 @@ from pathlib import Path
 
 from torch import nn
 
-from sparsellm.report import PruneReport
 
-REPORT_NAME = "sparsity_report.json"
-
-
-def save_pruned(
-    model: nn.Module, tokenizer: object | None, report: PruneReport, output: str | Path
+def save_model(
+    model: nn.Module, tokenizer: object | None, reports: dict[str, dict], output: str | Path
 ) -> Path:
-    """Save model (safetensors), tokenizer and report into ``output``, replacing it whole.
+    """Save model (safetensors), tokenizer and JSON ``reports`` (file name -> content) into
+    ``output``, replacing it whole.
 
     Nothing appears at ``output`` until everything is written, so a crash never leaves a
     half-written model behind.
@@ -29,7 +27,8 @@ def save_pruned(
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        report.save(staging / REPORT_NAME)
+        for name, content in reports.items():
+            (staging / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
         if output.exists():
             # Move the old directory aside first so the rename below cannot fail half-way.
             retired = output.with_name(f".{output.name}.old-{os.getpid()}")

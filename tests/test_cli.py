@@ -200,3 +200,63 @@ def test_eval_prints_perplexity_equal_to_api(capsys, model_dir, calibration_text
 def test_eval_with_missing_dataset(capsys, model_dir):
     code, _, err = run(capsys, "eval", "--model", model_dir, "--dataset", "nowhere.txt")
     assert code == 2 and "nowhere.txt" in err
+
+
+def test_finetune_keeps_the_zeros_of_a_pruned_model(capsys, tmp_path, model_dir, calibration_text):
+    pruned = tmp_path / "pruned"
+    code, _, err = run(
+        capsys,
+        "prune",
+        "--model",
+        model_dir,
+        "--output",
+        pruned,
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.6",
+        "--quiet",
+    )
+    assert code == 0, err
+    tuned = tmp_path / "tuned"
+    code, out, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        pruned,
+        "--output",
+        tuned,
+        "--data",
+        calibration_text,
+        "--steps",
+        6,
+        "--seqlen",
+        64,
+        "--batch-size",
+        2,
+        "--eval-windows",
+        4,
+        "--lr",
+        "1e-3",
+        "--quiet",
+    )
+    assert code == 0, err
+    report = json.loads((tuned / "finetune_report.json").read_text())
+    assert report["sparsity_before"] == pytest.approx(0.6, abs=1e-4)
+    assert report["sparsity_after"] == report["sparsity_before"]
+    assert report["perplexity_after"] < report["perplexity_before"]
+    before = AutoModelForCausalLM.from_pretrained(pruned)
+    after = AutoModelForCausalLM.from_pretrained(tuned)
+    for (name, w0), (_, w1) in zip(
+        before.named_parameters(), after.named_parameters(), strict=True
+    ):
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            assert torch.equal(w0 == 0, w1 == 0), name
+            assert not torch.equal(w0, w1), f"{name} did not train"
+
+
+def test_finetune_bad_steps(capsys, tmp_path, model_dir):
+    code, _, err = run(
+        capsys, "finetune", "--model", model_dir, "--output", tmp_path / "o", "--steps", "0"
+    )
+    assert code == 2 and "steps" in err and not (tmp_path / "o").exists()
