@@ -12,10 +12,9 @@ from sparsellm.config import ConfigError, PruneConfig, validate_prune
 from sparsellm.data import calibration_windows, evaluation_windows
 from sparsellm.engine import EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
-from sparsellm.methods import block_pruner
+from sparsellm.methods import block_pruner, needs_calibration
 from sparsellm.models import get_adapter
 from sparsellm.report import PruneReport
-from sparsellm.solvers import Statistic, get_solver
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -44,13 +43,14 @@ def prune_model(
         tokenizer: needed when ``calibration`` is text rather than token ids.
         sparsity: fraction of zeros per layer (default 0.5 unless ``pattern`` is given).
         pattern: ``"N:M"``: keep at most N of every M consecutive input weights.
-        method: ``magnitude``, ``wanda`` or ``sparsegpt``.
+        method: ``magnitude``, ``wanda``, ``sparsegpt`` (local, layer by layer) or
+            ``sparsellm`` (global: attention by SparseGPT, FFN layers jointly).
         calibration: a text source name or path (see :mod:`sparsellm.data`) or an integer
             tensor ``[n, seqlen]`` of token ids.
         progress: show tqdm progress bars.
         **options: any other :class:`~sparsellm.config.PruneConfig` field (``nsamples``,
             ``seqlen``, ``seed``, ``device``, ``dampening``, ``blocksize``, ``batch_size``,
-            ``skip``).
+            ``skip``; for ``sparsellm``: ``epochs``, ``alpha``, ``beta``, ``gamma``).
     """
     known = {f.name for f in fields(PruneConfig)} - {"model", "output", "overwrite", "eval"}
     unknown = set(options) - known
@@ -65,7 +65,6 @@ def prune_model(
     )
     target = validate_prune(config, require_io=False)
     adapter = get_adapter(model)
-    solver = get_solver(method)
     device = default_device(config.device)
 
     report = PruneReport(
@@ -76,7 +75,7 @@ def prune_model(
         config=config.to_dict(),
     )
     windows = None
-    if solver.statistic is not Statistic.NONE:
+    if needs_calibration(method):
         started = time.perf_counter()
         if isinstance(calibration, str) and not calibration.endswith(".pt") and tokenizer is None:
             raise ConfigError("a tokenizer is needed to use text calibration data")
@@ -95,7 +94,13 @@ def prune_model(
         progress=progress,
     )
     started = time.perf_counter()
-    prune_blocks(model, adapter, windows, block_pruner(config), target, engine_options, report)
+    method_options = (
+        {k: getattr(config, k) for k in ("epochs", "alpha", "beta", "gamma")}
+        if method == "sparsellm"
+        else {}
+    )
+    pruner = block_pruner(method, method_options)
+    prune_blocks(model, adapter, windows, pruner, target, engine_options, report)
     report.timings["prune"] = time.perf_counter() - started
     retried = [layer.name for layer in report.layers if layer.damping_retries]
     if retried:

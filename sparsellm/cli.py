@@ -21,7 +21,8 @@ from sparsellm.config import (
 )
 from sparsellm.data import check_source, describe_sources
 from sparsellm.errors import UserError
-from sparsellm.solvers import SOLVERS, NumericalError, Statistic
+from sparsellm.methods import METHODS, needs_calibration
+from sparsellm.solvers import NumericalError
 
 REPORT = "sparsity_report.json"
 
@@ -35,7 +36,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")
     p.add_argument("--model", help="hub id, local model directory, or .gguf file")
     p.add_argument("--output", help="directory to write the pruned model to")
-    p.add_argument("--method", help=f"one of {', '.join(sorted(SOLVERS))} (default: sparsegpt)")
+    p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default: sparsegpt)")
     p.add_argument("--sparsity", type=float, help="fraction of zeros per layer (default 0.5)")
     p.add_argument("--pattern", help="N:M structured sparsity: keep N of every M, e.g. 2:4")
     p.add_argument(
@@ -51,12 +52,16 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dampening", type=float, help="Hessian damping, fraction of mean diagonal")
     p.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")
     p.add_argument(
-        "--batch-size", type=int, help="calibration windows per forward pass (default 16)"
+        "--batch-size", type=int, help="calibration windows per forward pass (default 32)"
     )
     p.add_argument("--skip", help="regex on layer names to leave dense (e.g. 'layers\\.0\\.')")
     p.add_argument(
         "--overwrite", action="store_true", default=None, help="replace a non-empty output"
     )
+    p.add_argument("--epochs", type=int, help="sparsellm: alternation epochs (default 2)")
+    p.add_argument("--alpha", type=float, help="sparsellm: penalty α (default: automatic)")
+    p.add_argument("--beta", type=float, help="sparsellm: penalty β (default: automatic)")
+    p.add_argument("--gamma", type=float, help="sparsellm: penalty γ (default: automatic)")
     p.add_argument("--eval", help="text source for perplexity before and after pruning")
     p.add_argument("--eval-seqlen", type=int, help="window length for --eval (default: seqlen)")
     p.add_argument("--eval-windows", type=int, help="at most this many windows for --eval")
@@ -144,7 +149,7 @@ def run_prune(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, PruneConfig) if args.recipe else {}
     config: PruneConfig = merge(PruneConfig, recipe, _options(args, PruneConfig))
     target = validate_prune(config)
-    if SOLVERS[config.method].statistic is not Statistic.NONE:
+    if needs_calibration(config.method):
         check_source(config.calibration)
     if config.eval:
         check_source(config.eval)

@@ -17,7 +17,7 @@ else:  # pragma: no cover
 
 from sparsellm.errors import UserError
 from sparsellm.masks import SparsityTarget
-from sparsellm.solvers import SOLVERS
+from sparsellm.methods import METHODS
 
 
 class ConfigError(UserError):
@@ -41,9 +41,14 @@ class PruneConfig:
     dtype: str = "auto"
     dampening: float = 0.01
     blocksize: int = 128
-    batch_size: int = 16
+    batch_size: int = 32
     skip: str | None = None
     overwrite: bool = False
+    # SparseLLM: alternation epochs and penalties (None = scaled automatically from the data)
+    epochs: int = 2
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
     eval: str | None = None  # text source for before/after perplexity
     eval_seqlen: int | None = None  # default: seqlen
     eval_windows: int | None = None
@@ -162,13 +167,19 @@ def _positive_int(name: str, value: object) -> None:
 
 def validate_prune(config: PruneConfig, require_io: bool = True) -> SparsityTarget:
     """Check ``config`` completely; return its sparsity target."""
-    if config.method not in SOLVERS:
+    if config.method not in METHODS:
         raise ConfigError(
-            f"unknown method {config.method!r}; choose one of: {', '.join(sorted(SOLVERS))}"
+            f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}"
         )
     target = config.target()
     for name in ("nsamples", "seqlen", "blocksize", "batch_size"):
         _positive_int(name, getattr(config, name))
+    if not isinstance(config.epochs, int) or isinstance(config.epochs, bool) or config.epochs < 0:
+        raise ConfigError(f"epochs must be a non-negative integer, got {config.epochs!r}")
+    for name in ("alpha", "beta", "gamma"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int | float) or not value > 0):
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
     for name in ("eval_seqlen", "eval_windows"):
         if getattr(config, name) is not None:
             _positive_int(name, getattr(config, name))

@@ -31,7 +31,7 @@ from sparsellm.solvers import (
     Statistic,
     relative_output_error,
 )
-from sparsellm.statistics import StatisticsCollector
+from sparsellm.statistics import StatisticsCollector, StopForward
 
 
 class _Captured(Exception):
@@ -55,7 +55,7 @@ class EngineOptions:
     """Knobs shared by every method."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    batch_size: int = 16
+    batch_size: int = 32
     dampening: float = 0.01
     blocksize: int = 128
     skip: str | None = None  # regex on full layer names: matching layers stay dense
@@ -223,34 +223,63 @@ def write_solution(
     )
 
 
+def collect_statistics(
+    job: BlockJob, layers: dict[str, nn.Module], kind: Statistic, keep_outputs: bool = False
+) -> tuple[dict[str, LayerStatistics], list[torch.Tensor]]:
+    """One forward pass over the calibration batches with hooks on ``layers``; returns their
+    statistics and, with ``keep_outputs``, the block's outputs (weights as they are now).
+
+    Without ``keep_outputs`` each pass stops once the last hooked layer has seen its input
+    (typically skipping the down projection's matmul: a quarter of a LLaMA block's FLOPs).
+    """
+    outputs = []
+    stop_early = not keep_outputs
+    with torch.no_grad(), StatisticsCollector(layers, kind, stop_early=stop_early) as collector:
+        for hidden, args, kwargs in job.inputs.batches():
+            collector.next_batch()
+            try:
+                out = job.block(hidden, *args, **kwargs)
+            except StopForward:
+                continue
+            if keep_outputs:
+                outputs.append(block_output(out))
+    return collector.results(), outputs
+
+
+def solve_layers(
+    job: BlockJob,
+    layers: dict[str, nn.Module],
+    stats: dict[str, LayerStatistics],
+    solver: SolverSpec,
+) -> None:
+    """Prune each of ``layers`` on its own statistics with ``solver`` and write it back."""
+    for name, module in layers.items():
+        original = linear_weight(module).detach().to(torch.float32, copy=True)
+        result = solver.solve(
+            original,
+            stats.get(name),
+            job.target,
+            blocksize=job.options.blocksize,
+            dampening=job.options.dampening,
+        )
+        write_solution(
+            job,
+            name,
+            original,
+            result.weight,
+            stats.get(name),
+            damping=result.damping,
+            damping_retries=result.damping_retries,
+        )
+
+
 def layerwise_pruner(solver: SolverSpec) -> BlockPruner:
     """A block pruner that solves each Linear on its own inputs (magnitude, Wanda, SparseGPT)."""
 
     def prune_block(job: BlockJob) -> None:
         stats: dict[str, LayerStatistics] = {}
         if solver.statistic is not Statistic.NONE:
-            with torch.no_grad(), StatisticsCollector(job.layers, solver.statistic) as collector:
-                for hidden, args, kwargs in job.inputs.batches():
-                    collector.next_batch()
-                    job.block(hidden, *args, **kwargs)
-            stats = collector.results()
-        for name, module in job.layers.items():
-            original = linear_weight(module).detach().to(torch.float32, copy=True)
-            result = solver.solve(
-                original,
-                stats.get(name),
-                job.target,
-                blocksize=job.options.blocksize,
-                dampening=job.options.dampening,
-            )
-            write_solution(
-                job,
-                name,
-                original,
-                result.weight,
-                stats.get(name),
-                damping=result.damping,
-                damping_retries=result.damping_retries,
-            )
+            stats, _ = collect_statistics(job, job.layers, solver.statistic)
+        solve_layers(job, job.layers, stats, solver)
 
     return prune_block

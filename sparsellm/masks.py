@@ -76,10 +76,18 @@ def prune_counts(sizes: list[int] | torch.Tensor, sparsity: float) -> torch.Tens
 def smallest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the ``count`` smallest entries of ``scores`` (any shape), ties to lower index."""
     flat = scores.reshape(-1)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
-    if count > 0:
-        order = torch.sort(flat, stable=True).indices
-        mask[order[:count]] = True
+    if count <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if count >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    # A linear-time selection of the k-th value, then ties at that value by index: the same
+    # result as a stable sort, several times faster on the large blocks SparseGPT scores.
+    kth = flat.kthvalue(count).values
+    mask = flat < kth
+    missing = count - int(mask.sum())
+    if missing > 0:
+        ties = (flat == kth).nonzero().squeeze(1)[:missing]
+        mask[ties] = True
     return mask.view_as(scores)
 
 

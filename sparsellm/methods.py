@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from sparsellm.config import PruneConfig
 from sparsellm.engine import BlockPruner, layerwise_pruner
-from sparsellm.solvers import get_solver
+from sparsellm.solvers import SOLVERS, Statistic, get_solver
+
+GLOBAL_METHODS = ("sparsellm",)
+METHODS = (*sorted(SOLVERS), *GLOBAL_METHODS)
 
 
-def block_pruner(config: PruneConfig) -> BlockPruner:
-    """The block pruner for ``config.method``."""
-    return layerwise_pruner(get_solver(config.method))
+def needs_calibration(method: str) -> bool:
+    """False for data-free methods, which skip calibration data and all forward passes."""
+    return method in GLOBAL_METHODS or get_solver(method).statistic is not Statistic.NONE
+
+
+def block_pruner(method: str, options: dict) -> BlockPruner:
+    """The block pruner for ``method``; ``options`` are the method's own settings."""
+    if method == "sparsellm":
+        from sparsellm.global_pruner import sparsellm_pruner
+
+        return sparsellm_pruner(**options)
+    return layerwise_pruner(get_solver(method))

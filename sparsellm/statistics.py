@@ -1,7 +1,7 @@
-"""Accumulate input statistics of Linear layers through forward hooks.
+"""Accumulate input statistics of Linear layers through forward pre-hooks.
 
 Layers that read the very same input tensor (q/k/v, gate/up) share one accumulator: the Gram
-matrix is computed once per group with one matmul per batch, in float32.
+matrix is computed once per group, on its upper block triangle, in float32.
 """
 
 from __future__ import annotations
@@ -9,28 +9,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsellm.linalg import add_gram_upper, gram_blocks, mirror_upper
 from sparsellm.solvers.base import LayerStatistics, Statistic
+
+
+class StopForward(Exception):
+    """Raised once every hooked layer has seen its input, when nothing after it is needed."""
 
 
 class StatisticsCollector:
     """Context manager that hooks ``modules`` and accumulates :class:`LayerStatistics`.
 
-    Call :meth:`next_batch` before each forward pass of the block.
+    Call :meth:`next_batch` before each forward pass of the block. With ``stop_early`` the
+    pass is cut short (by :class:`StopForward`) as soon as the last hooked layer has recorded
+    its input, which spares that layer's matmul and anything after it.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], kind: Statistic):
+    def __init__(self, modules: dict[str, nn.Module], kind: Statistic, stop_early: bool = False):
         self.modules = modules
         self.kind = kind
+        self.stop_early = stop_early
         self._owner: dict[str, str] = {}  # layer -> layer whose accumulator it shares
         self._seen: list[tuple[str, torch.Tensor]] = []
+        self._seen_count = 0
         self._learning = True
         self._sums: dict[str, torch.Tensor] = {}
+        self._blocks: dict[str, list[tuple[int, int]]] = {}
         self._tokens: dict[str, int] = {}
         self._handles: list = []
 
     def __enter__(self) -> StatisticsCollector:
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -44,29 +54,37 @@ class StatisticsCollector:
         if self._owner:
             self._learning = False
         self._seen.clear()
+        self._seen_count = 0
 
     def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0]
             if self._learning:
                 # Identity, not equality: only a literally shared input may share statistics.
                 owner = next((other for other, t in self._seen if t is x), name)
                 self._owner[name] = owner
                 self._seen.append((name, x))
-            if self._owner[name] != name:
-                return
-            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            if name not in self._sums:
-                size = (x.shape[1],) * (2 if self.kind is Statistic.HESSIAN else 1)
-                self._sums[name] = torch.zeros(size, dtype=torch.float32, device=x.device)
-                self._tokens[name] = 0
-            if self.kind is Statistic.HESSIAN:
-                self._sums[name].addmm_(x.t(), x)
-            else:
-                self._sums[name].add_(x.square().sum(dim=0))
-            self._tokens[name] += x.shape[0]
+            self._seen_count += 1
+            if self._owner[name] == name:
+                self._accumulate(name, x)
+            if self.stop_early and self._seen_count == len(self.modules):
+                raise StopForward
 
         return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        width = x.shape[1]
+        if name not in self._sums:
+            size = (width, width) if self.kind is Statistic.HESSIAN else (width,)
+            self._sums[name] = torch.zeros(size, dtype=torch.float32, device=x.device)
+            self._blocks[name] = gram_blocks(width, 128 if width <= 1024 else 256)
+            self._tokens[name] = 0
+        if self.kind is Statistic.HESSIAN:
+            add_gram_upper(self._sums[name], x, self._blocks[name])
+        else:
+            self._sums[name].add_(x.square().sum(dim=0))
+        self._tokens[name] += x.shape[0]
 
     def results(self) -> dict[str, LayerStatistics]:
         """Statistics per layer; layers of one sharing group hold the same tensors."""
@@ -74,6 +92,7 @@ class StatisticsCollector:
         for owner, total in self._sums.items():
             tokens = self._tokens[owner]
             if self.kind is Statistic.HESSIAN:
+                mirror_upper(total, self._blocks[owner])
                 by_owner[owner] = LayerStatistics(
                     tokens=tokens, hessian=total / tokens, sq_norms=total.diagonal() * 1.0
                 )
