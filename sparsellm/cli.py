@@ -58,7 +58,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", default=None, help="replace a non-empty output"
     )
-    p.add_argument("--epochs", type=int, help="sparsellm: alternation epochs (default 2)")
+    p.add_argument("--epochs", type=int, help="sparsellm: alternation epochs (default 1)")
     p.add_argument("--alpha", type=float, help="sparsellm: penalty α (default: automatic)")
     p.add_argument("--beta", type=float, help="sparsellm: penalty β (default: automatic)")
     p.add_argument("--gamma", type=float, help="sparsellm: penalty γ (default: automatic)")

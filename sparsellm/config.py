@@ -45,7 +45,7 @@ class PruneConfig:
     skip: str | None = None
     overwrite: bool = False
     # SparseLLM: alternation epochs and penalties (None = scaled automatically from the data)
-    epochs: int = 2
+    epochs: int = 1
     alpha: float | None = None
     beta: float | None = None
     gamma: float | None = None

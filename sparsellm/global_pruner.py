@@ -1,0 +1,143 @@
+"""The SparseLLM block pruner: attention by SparseGPT, then the feed-forward layers jointly.
+
+Per block (three forward passes, one more than SparseGPT):
+
+1. dense pass: Gram matrices of the attention layers and the dense block output ``B₀``;
+2. the attention layers are pruned with SparseGPT;
+3. pass with the attention pruned: the FFN input ``X`` and output ``F`` and the block output
+   ``B`` are recorded. In a pre-norm block ``B = h + F`` (``h`` the residual stream after the
+   pruned attention), so the FFN is asked for ``Y = B₀ − h = B₀ − B + F``: the FFN absorbs the
+   attention's error through the residual and the *block* output is matched to the dense one.
+   Where a norm follows the residual sum (OPT-350m's post-norm layout) that identity does not
+   hold and the FFN's own output on ``X`` is the target instead;
+4. ``sparsellm_ffn`` prunes up (gate) and down jointly through the auxiliary variables.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsellm.engine import (
+    BlockJob,
+    BlockPruner,
+    block_output,
+    collect_statistics,
+    solve_layers,
+    write_solution,
+)
+from sparsellm.models import linear_weight
+from sparsellm.solvers import LayerStatistics, Statistic, get_solver
+from sparsellm.solvers.sparsellm import sparsellm_ffn
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias.detach() if bias is not None else None
+
+
+def _capture_ffn(job: BlockJob, up: nn.Module, down: nn.Module) -> tuple[torch.Tensor, ...]:
+    """FFN inputs, FFN outputs and block outputs over all calibration batches, as [N, d]."""
+    inputs, outputs = [], []
+    handles = [
+        up.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach())),
+        down.register_forward_hook(lambda m, i, o: outputs.append(o.detach())),
+    ]
+    try:
+        with torch.no_grad():
+            blocks = [block_output(job.block(h, *a, **k)) for h, a, k in job.inputs.batches()]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def flat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+
+    return flat(inputs), flat(outputs), flat(blocks)
+
+
+def sparsellm_pruner(
+    epochs: int = 1,
+    alpha: float | None = None,
+    beta: float | None = None,
+    gamma: float | None = None,
+    chunk_size: int = 2048,
+) -> BlockPruner:
+    """Block pruner for ``method="sparsellm"`` with the given solver options."""
+    sparsegpt = get_solver("sparsegpt")
+
+    def prune_block(job: BlockJob) -> None:
+        ffn = job.adapter.feed_forward(job.block)
+        ffn_names = [name for name in (ffn.up, ffn.gate, ffn.down) if name]
+        joint = all(name in job.layers for name in ffn_names)
+        local = {n: m for n, m in job.layers.items() if not (joint and n in ffn_names)}
+
+        stats, dense_out = collect_statistics(job, local, Statistic.HESSIAN, keep_outputs=True)
+        solve_layers(job, local, stats, sparsegpt)
+        if not joint:
+            return
+
+        up, down = job.layers[ffn.up], job.layers[ffn.down]
+        gate = job.layers[ffn.gate] if ffn.gate else None
+        X, ffn_out, block_out = _capture_ffn(job, up, down)
+        dense = torch.cat([o.reshape(-1, o.shape[-1]) for o in dense_out])
+        residual = job.adapter.ffn_sees_residual()
+        target = dense - block_out + ffn_out if residual else ffn_out
+        # With the residual target, the FFN's error *is* the block's output error.
+        to_block_error = float(target.square().sum() / dense.square().sum()) if residual else None
+        del dense, block_out, dense_out
+
+        originals = {
+            name: linear_weight(job.layers[name]).detach().to(torch.float32, copy=True)
+            for name in ffn_names
+        }
+        result = sparsellm_ffn(
+            X,
+            target,
+            originals[ffn.up],
+            _bias(up),
+            originals[ffn.down],
+            _bias(down),
+            job.target,
+            gate=originals[ffn.gate] if gate is not None else None,
+            gate_bias=_bias(gate) if gate is not None else None,
+            activation=ffn.activation,
+            epochs=epochs,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            chunk_size=chunk_size,
+            device=job.options.device,
+            dampening=job.options.dampening,
+            blocksize=job.options.blocksize,
+        )
+        x32 = X.to(torch.float32)
+        input_stats = LayerStatistics(tokens=x32.shape[0], hessian=x32.T @ x32 / x32.shape[0])
+        new = {ffn.up: result.up, ffn.down: result.down}
+        if gate is not None:
+            new[ffn.gate] = result.gate
+        for name in ffn_names:
+            write_solution(
+                job, name, originals[name], new[name], input_stats if name != ffn.down else None
+            )
+        if to_block_error is not None:
+            for record in result.history:
+                record["block_output_error"] = record["output_error"] * to_block_error
+        job.report.blocks.append(
+            {
+                "block": job.index,
+                "ffn_output_error": result.output_error,
+                "block_output_error": (
+                    result.output_error * to_block_error if to_block_error is not None else None
+                ),
+                "penalties": {
+                    "alpha_up": result.alpha_up,
+                    "alpha_gate": result.alpha_gate,
+                    "beta": result.beta,
+                    "gamma": result.gamma,
+                },
+                "epochs": result.history,
+            }
+        )
+
+    return prune_block
