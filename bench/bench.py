@@ -1,7 +1,7 @@
 """Protocol sotu-smollm2 (see ../shared/BENCHMARK.md): every run in its own process, one after
 the other, then a markdown table for the README.
 
-    python bench/bench.py [--shared ../shared] [--methods sparsegpt,wanda] [--targets 0.5,2:4]
+    python bench/bench.py [--shared ../shared] [--runs sparsegpt:0.5,sparsellm:2:4]
 """
 
 from __future__ import annotations
@@ -13,11 +13,29 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt")
-DEFAULT_TARGETS = ("0.5", "0.7", "2:4")
+# Most informative rows first, so an interrupted run still answers the main questions.
+DEFAULT_RUNS = (
+    "dense",
+    "sparsegpt:0.5",
+    "sparsegpt:0.7",
+    "sparsegpt:2:4",
+    "sparsellm:0.7",
+    "sparsellm:0.5",
+    "sparsellm:2:4",
+    "magnitude:0.5",
+    "magnitude:0.7",
+    "magnitude:2:4",
+    "wanda:0.5",
+    "wanda:0.7",
+    "wanda:2:4",
+    "sparsegpt:0.8",
+    "sparsellm:0.8",
+)
 
 
-def run(shared: str, method: str, target: str | None) -> dict:
+def run(shared: str, spec: str) -> dict:
+    method, _, target = spec.partition(":")
+    target = target or None
     cmd = [sys.executable, str(HERE / "run_one.py"), "--shared", shared, "--method", method]
     if target is not None:
         cmd += ["--pattern", target] if ":" in target else ["--sparsity", target]
@@ -49,21 +67,20 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default="../shared")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
-    parser.add_argument("--no-dense", action="store_true")
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="METHOD[:TARGET],...")
     parser.add_argument("--out", default=str(HERE / "results" / "latest.jsonl"))
     args = parser.parse_args()
     if not (Path(args.shared) / "bench" / "calib.pt").is_file():
         raise SystemExit(f"{args.shared}/bench/calib.pt not found (pass --shared)")
 
-    rows = [] if args.no_dense else [run(args.shared, "dense", None)]
-    for method in args.methods.split(","):
-        for target in args.targets.split(","):
-            rows.append(run(args.shared, method, target))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out.write_text("")
+    rows = []
+    for spec in args.runs.split(","):
+        rows.append(run(args.shared, spec))
+        with out.open("a") as handle:  # keep every finished row, even if a later one fails
+            handle.write(json.dumps(rows[-1]) + "\n")
     print(table(rows))
 
 

@@ -31,6 +31,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--sparsity", type=float)
+    parser.add_argument(
+        "--skip-before",
+        action="store_true",
+        help="do not re-measure the starting perplexity (the same as the bench.py row)",
+    )
     args = parser.parse_args()
     shared = Path(args.shared)
 
@@ -58,13 +63,15 @@ def main() -> None:
             progress=False,
         )
         result["prune_seconds"] = time.perf_counter() - started
-        result["perplexity_pruned"] = windows_perplexity(model, evaluation, progress=False)
+        if not args.skip_before:
+            result["perplexity_pruned"] = windows_perplexity(model, evaluation, progress=False)
         report = finetune(
             model, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size, progress=False
         )
     else:
         sparsity = args.sparsity or 0.5
-        result["perplexity_dense"] = windows_perplexity(model, evaluation, progress=False)
+        if not args.skip_before:
+            result["perplexity_dense"] = windows_perplexity(model, evaluation, progress=False)
         report = finetune(
             model,
             train,

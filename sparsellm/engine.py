@@ -90,7 +90,9 @@ class BlockJob:
         return outputs
 
 
-BlockPruner = Callable[[BlockJob], None]
+# A block pruner may return the block's outputs with its pruned weights (one tensor per
+# calibration batch) when it can form them cheaper than a forward pass; None means "run it".
+BlockPruner = Callable[[BlockJob], list[torch.Tensor] | None]
 
 
 def block_output(out: object) -> torch.Tensor:
@@ -179,11 +181,12 @@ def prune_blocks(
             if not (skip and skip.search(f"{adapter.block_name(index)}.{name}"))
         }
         job = BlockJob(index, block, layers, inputs, adapter, target, options, report)
-        if layers:
-            prune_block(job)
+        outputs = prune_block(job) if layers else None
         if inputs is not None and index + 1 < len(blocks):
-            with torch.no_grad():
-                inputs.hidden = job.forward()
+            if outputs is None:
+                with torch.no_grad():
+                    outputs = job.forward()
+            inputs.hidden = outputs
         block.to(home)
         if options.progress:
             bar.set_postfix(report.block_postfix(index))

@@ -16,6 +16,7 @@ Per block (three forward passes, one more than SparseGPT):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsellm.engine import (
@@ -26,7 +27,7 @@ from sparsellm.engine import (
     solve_layers,
     write_solution,
 )
-from sparsellm.models import linear_weight
+from sparsellm.models import FeedForward, linear_weight
 from sparsellm.solvers import LayerStatistics, Statistic, get_solver
 from sparsellm.solvers.sparsellm import sparsellm_ffn
 
@@ -66,7 +67,7 @@ def sparsellm_pruner(
     """Block pruner for ``method="sparsellm"`` with the given solver options."""
     sparsegpt = get_solver("sparsegpt")
 
-    def prune_block(job: BlockJob) -> None:
+    def prune_block(job: BlockJob) -> list[torch.Tensor] | None:
         ffn = job.adapter.feed_forward(job.block)
         ffn_names = [name for name in (ffn.up, ffn.gate, ffn.down) if name]
         joint = all(name in job.layers for name in ffn_names)
@@ -75,7 +76,7 @@ def sparsellm_pruner(
         stats, dense_out = collect_statistics(job, local, Statistic.HESSIAN, keep_outputs=True)
         solve_layers(job, local, stats, sparsegpt)
         if not joint:
-            return
+            return None
 
         up, down = job.layers[ffn.up], job.layers[ffn.down]
         gate = job.layers[ffn.gate] if ffn.gate else None
@@ -85,6 +86,7 @@ def sparsellm_pruner(
         target = dense - block_out + ffn_out if residual else ffn_out
         # With the residual target, the FFN's error *is* the block's output error.
         to_block_error = float(target.square().sum() / dense.square().sum()) if residual else None
+        residual_stream = block_out - ffn_out if residual else None
         del dense, block_out, dense_out
 
         originals = {
@@ -123,6 +125,18 @@ def sparsellm_pruner(
         if to_block_error is not None:
             for record in result.history:
                 record["block_output_error"] = record["output_error"] * to_block_error
+        outputs = None
+        if residual_stream is not None:
+            # Pre-norm block: output = residual stream + FFN(X); only the FFN needs recomputing.
+            out = residual_stream.add_(ffn_forward(X, job.layers, ffn))
+            shapes = [h.shape for h in job.inputs.hidden]
+            dtype = job.inputs.hidden[0].dtype
+            outputs = [
+                part.view(shape).to(dtype)
+                for part, shape in zip(
+                    out.split([s.numel() // s[-1] for s in shapes]), shapes, strict=True
+                )
+            ]
         job.report.blocks.append(
             {
                 "block": job.index,
@@ -140,4 +154,30 @@ def sparsellm_pruner(
             }
         )
 
+        return outputs
+
     return prune_block
+
+
+@torch.no_grad()
+def ffn_forward(
+    X: torch.Tensor, layers: dict[str, nn.Module], ffn: FeedForward, chunk: int = 4096
+) -> torch.Tensor:
+    """The feed-forward output for rows ``X`` [N, d] with the layers' current weights (float32)."""
+
+    def affine(x: torch.Tensor, name: str) -> torch.Tensor:
+        module = layers[name]
+        bias = _bias(module)
+        return F.linear(
+            x, linear_weight(module).float(), bias.float() if bias is not None else None
+        )
+
+    parts = []
+    for start in range(0, X.shape[0], chunk):
+        x = X[start : start + chunk].float()
+        if ffn.gate:
+            hidden = ffn.activation(affine(x, ffn.gate)) * affine(x, ffn.up)
+        else:
+            hidden = ffn.activation(affine(x, ffn.up))
+        parts.append(affine(hidden, ffn.down))
+    return torch.cat(parts)

@@ -99,3 +99,25 @@ def test_skipping_an_ffn_layer_falls_back_to_local_pruning(calibration_ids):
     assert report.blocks == []  # no joint FFN solve when part of the FFN stays dense
     assert not any("down_proj" in layer.name for layer in report.layers)
     assert len(report.layers) == 2 * 6
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "opt350", "gpt2"])
+def test_propagated_outputs_equal_a_forward_of_the_pruned_block(family, calibration_ids):
+    """The pruner hands the next block `h + FFN(X)` instead of re-running the block: it must be
+    what the pruned block computes."""
+    model = tiny_model(family)
+    block1 = get_adapter(model).blocks()[1]
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handle = block1.register_forward_pre_hook(record, with_kwargs=True)
+    prune_model(model, method="sparsellm", sparsity=0.7, calibration=calibration_ids,
+                progress=False)
+    used_by_engine = seen[0]
+    seen.clear()
+    with torch.no_grad():
+        model(input_ids=calibration_ids, use_cache=False)
+    handle.remove()
+    torch.testing.assert_close(used_by_engine, seen[0], rtol=1e-4, atol=1e-5)

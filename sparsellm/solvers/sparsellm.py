@@ -64,6 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sparsellm.linalg import add_gram_upper, gram_blocks, mirror_upper
 from sparsellm.masks import SparsityTarget, is_valid_nm, prune_counts
 from sparsellm.solvers.base import NumericalError
 from sparsellm.solvers.sparsegpt import obs_prune
@@ -85,8 +86,6 @@ _CG_ITERS_INIT_DOWN = 0
 _LS_REFINE = 2
 # Elements per elementwise work block: keeps a dozen temporaries inside the CPU caches.
 _ELEMENTWISE_BLOCK = 1 << 18
-# Column block of the symmetric Gram update (upper block triangle only above this size).
-_GRAM_BLOCK = 256
 # Tokens sampled (strided) for the Gram of the first down solve.
 _INIT_DOWN_TOKENS = 4096
 
@@ -238,27 +237,6 @@ def _resolve_activation(activation: ActivationLike) -> _Activation:
 def _sq_norm(x: Tensor) -> Tensor:
     """Squared Frobenius norm as a float64 scalar (one fused reduction, no temporary)."""
     return torch.linalg.vector_norm(x).to(torch.float64).square()
-
-
-def _gram_blocks(size: int) -> list[tuple[int, int]]:
-    return [(i, min(i + _GRAM_BLOCK, size)) for i in range(0, size, _GRAM_BLOCK)]
-
-
-def _add_gram(G: Tensor, A: Tensor, blocks: list[tuple[int, int]]) -> None:
-    """``G += AᵀA`` on the upper block triangle only (mirror with :func:`_mirror_upper`)."""
-    if len(blocks) == 1:
-        G.addmm_(A.T, A)
-        return
-    for bi, (i0, i1) in enumerate(blocks):
-        Ai = A[:, i0:i1]
-        for j0, j1 in blocks[bi:]:
-            G[i0:i1, j0:j1].addmm_(Ai.T, A[:, j0:j1])
-
-
-def _mirror_upper(G: Tensor, blocks: list[tuple[int, int]]) -> None:
-    for bi, (i0, i1) in enumerate(blocks):
-        for j0, j1 in blocks[bi + 1 :]:
-            G[j0:j1, i0:i1] = G[i0:i1, j0:j1].T
 
 
 def _damped_inverse(H: Tensor, dampening: float) -> Tensor:
@@ -668,7 +646,7 @@ def sparsellm_ffn(
     W1_0, W2_0, Wg_0 = prep(up), prep(down), prep(gate)
     b1, b2, bg = prep(up_bias), prep(down_bias), prep(gate_bias)
     chunks = [(i, min(i + chunk_size, N)) for i in range(0, N, chunk_size)]
-    fblocks = _gram_blocks(f)
+    fblocks = gram_blocks(f)
     history: list[dict[str, Any]] = []
     info: dict[str, Any] = {"choices": [], "damping_retries": 0, "seconds": {}}
 
@@ -720,10 +698,10 @@ def sparsellm_ffn(
         scales[3] += _sq_norm(Tc)
         scales[4] += _sq_norm(Tc if b2 is None else Tc + b2)
         off = (-i) % stride
-        _add_gram(H2, a[off::stride], fblocks)
+        add_gram_upper(H2, a[off::stride], fblocks)
         C2.addmm_(Tc[off::stride].T, a[off::stride])
         scales[5] += _sq_norm(Tc[off::stride])
-    _mirror_upper(H2, fblocks)
+    mirror_upper(H2, fblocks)
     sq_m, sq_n, sq_a, sq_t, sq_y = (float(v) for v in scales[:5])
     if not all(math.isfinite(v) for v in (sq_m, sq_n, sq_a, sq_t, sq_y)):
         raise NumericalError("dense forward pass overflowed (non-finite activations)")
@@ -845,7 +823,7 @@ def sparsellm_ffn(
             if gated:
                 Cg.addmm_(sc.T, Xc)
             if not last:
-                _add_gram(H2, p, fblocks)
+                add_gram_upper(H2, p, fblocks)
                 C2.addmm_(Tc.T, p)
         vals = [float(v) for v in sums]
         if not all(math.isfinite(v) for v in vals):
@@ -872,7 +850,7 @@ def sparsellm_ffn(
         rec["act"] = gamma_ * vals[2]
         down_sq = c * c * vals[3]  # residual of the new p is −(γ/β)·q
         if not last:
-            _mirror_upper(H2, fblocks)
+            mirror_upper(H2, fblocks)
             (step2,) = solve(H2, [_Problem("down", W2_0, W2, C2, True)], epoch)
             W2 = step2.weight
             down_sq += step2.delta
@@ -891,9 +869,9 @@ def sparsellm_ffn(
     for i, j in chunks:
         Xc, Tc = load(i, j)
         a, _, _ = true_activation(Xc, W1, Wg)
-        _add_gram(Ha, a, fblocks)
+        add_gram_upper(Ha, a, fblocks)
         Ca.addmm_(Tc.T, a)
-    _mirror_upper(Ha, fblocks)
+    mirror_upper(Ha, fblocks)
     _check_finite("activation Gram of the pruned up/gate", Ha)
     before = _quad_value(W2, Ha, Ca, sq_t)
     history[-1]["output_error"] = before / y_norm
