@@ -60,6 +60,22 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+def small_llama(seed: int = 0):
+    """A 2-block LLaMA with a 128-token vocabulary, for optimizer and fine-tuning tests."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return tf.LlamaForCausalLM(config)
+
+
 def byte_tokenizer():
     """A fast tokenizer mapping each UTF-8 byte to one id, saveable with save_pretrained."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import small_llama
 
 from sparsellm.finetune import FinetuneReport, finetune, lr_factor
 from sparsellm.optim import sparsifiable_parameters
@@ -23,17 +24,7 @@ def _one_thread():
 
 
 def pruned_tiny_llama(seed: int = 0) -> torch.nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = small_llama(seed)
     with torch.no_grad():
         for _, p in sparsifiable_parameters(model):
             order = torch.sort(p.abs().reshape(-1), stable=True).indices

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import small_llama
 from torch import nn
 
 from sparsellm.optim import SparseOptimizer, decoder_layers, sparsifiable_parameters
@@ -25,17 +26,7 @@ def _one_thread():
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return small_llama(seed)
 
 
 def prune_half(params) -> None:
