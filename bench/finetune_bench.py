@@ -21,6 +21,7 @@ from sparsellm.data import consecutive_windows, tokenize
 from sparsellm.evaluation import windows_perplexity
 from sparsellm.finetune import finetune
 from sparsellm.loading import load_model_and_tokenizer
+from sparsellm.optim import sparsifiable_parameters
 
 
 def main() -> None:
@@ -65,8 +66,14 @@ def main() -> None:
         result["prune_seconds"] = time.perf_counter() - started
         if not args.skip_before:
             result["perplexity_pruned"] = windows_perplexity(model, evaluation, progress=False)
+        result["sparsity_pruned"] = decoder_sparsity(model)
+        zeros_before = {n: p.detach() == 0 for n, p in sparsifiable_parameters(model)}
         report = finetune(
             model, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size, progress=False
+        )
+        result["zero_positions_changed"] = sum(
+            int(((p.detach() == 0) != zeros_before[n]).sum())
+            for n, p in sparsifiable_parameters(model)
         )
     else:
         sparsity = args.sparsity or 0.5
@@ -84,6 +91,9 @@ def main() -> None:
     result.update(
         target_sparsity=sparsity,
         finetune_seconds=report.seconds,
+        seconds_per_step=report.seconds / report.steps,
+        mixed_precision=report.mixed_precision,
+        tokens_seen=report.tokens_seen,
         perplexity_finetuned=windows_perplexity(model, evaluation, progress=False),
         sparsity=decoder_sparsity(model),
         train_loss_first=report.train_loss_first,

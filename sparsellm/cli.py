@@ -114,6 +114,11 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, help="linear warm-up (default 10%% of steps)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--target-sparsity", type=float, help="sparsify to this while training")
+    p.add_argument(
+        "--mixed-precision",
+        help="autocast of the training step: auto (default: bf16 where the device has fast "
+        "bf16, else none), bf16, fp16 or no",
+    )
     p.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", help="auto (default), float32, float16 or bfloat16")
@@ -281,6 +286,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.quiet,
         target_sparsity=config.target_sparsity,
+        mixed_precision=config.mixed_precision,
     )
     model.to("cpu")
     report = {"config": asdict(config), **result.to_dict()}

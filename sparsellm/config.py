@@ -96,6 +96,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None
     weight_decay: float = 0.0
     target_sparsity: float | None = None  # sparsify while training instead of keeping the mask
+    mixed_precision: str = "auto"  # auto | bf16 | fp16 | no
     seed: int = 0
     device: str | None = None
     dtype: str = "auto"
@@ -127,6 +128,10 @@ def validate_finetune(config: FinetuneConfig) -> None:
         raise ConfigError(f"lr must be a positive number, got {config.lr!r}")
     if config.target_sparsity is not None and not 0 <= config.target_sparsity < 1:
         raise ConfigError(f"target_sparsity {config.target_sparsity} is outside [0, 1)")
+    if config.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise ConfigError(
+            f"mixed_precision {config.mixed_precision!r} is not one of auto, bf16, fp16, no"
+        )
     check_output(config.output, config.overwrite)
 
 
@@ -168,9 +173,7 @@ def _positive_int(name: str, value: object) -> None:
 def validate_prune(config: PruneConfig, require_io: bool = True) -> SparsityTarget:
     """Check ``config`` completely; return its sparsity target."""
     if config.method not in METHODS:
-        raise ConfigError(
-            f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}"
-        )
+        raise ConfigError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
     target = config.target()
     for name in ("nsamples", "seqlen", "blocksize", "batch_size"):
         _positive_int(name, getattr(config, name))

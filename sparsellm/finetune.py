@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from sparsellm.evaluation import windows_perplexity
 from sparsellm.optim import SparseOptimizer, sparsifiable_parameters
 
-__all__ = ["FinetuneReport", "finetune", "lr_factor"]
+__all__ = ["MIXED_PRECISION", "FinetuneReport", "finetune", "lr_factor", "resolve_mixed_precision"]
 
 
 @dataclass
@@ -33,6 +33,7 @@ class FinetuneReport:
     lr_schedule: str
     weight_decay: float
     max_grad_norm: float | None
+    mixed_precision: str  # "bf16", "fp16" or "no": the autocast actually used
     train_windows: int
     seqlen: int
     tokens_seen: int
@@ -69,6 +70,37 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str = "cosi
     raise ValueError(f"lr schedule must be 'cosine', 'linear' or 'constant', not {schedule!r}")
 
 
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+
+
+def resolve_mixed_precision(choice: str, model: nn.Module, device: torch.device) -> str:
+    """The autocast a :func:`finetune` run uses: ``"bf16"``, ``"fp16"`` or ``"no"``.
+
+    ``"auto"`` picks bf16 autocast when the weights are float32 and the device has fast bf16
+    matrix multiplies (CUDA with bf16 support; a CPU whose oneDNN reports bf16, i.e.
+    AVX512-BF16 or AMX, where it runs a training step about twice as fast as float32), and
+    no autocast otherwise. Master weights, optimizer state and the loss stay float32.
+    """
+    if choice not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, not {choice!r}")
+    if choice != "auto":
+        return choice
+    if next(model.parameters()).dtype != torch.float32:
+        return "no"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device.type == "cpu":
+        return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_fast_bf16() else "no"
+    return "no"
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private op; absent from some builds
+        return False
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator):
     """Endless batches of window indices: a fresh seeded permutation per pass over the data,
     batches running on across pass boundaries so every batch is full."""
@@ -98,6 +130,7 @@ def finetune(
     progress: bool = True,
     target_sparsity: float | None = None,
     schedule_steps: int | None = None,
+    mixed_precision: str = "auto",
 ) -> FinetuneReport:
     """Fine-tune ``model`` on ``train_windows`` [n, seqlen] of token ids with its zeros frozen.
 
@@ -110,9 +143,14 @@ def finetune(
     masked out first) are clipped to ``max_grad_norm``.
 
     With ``target_sparsity`` the run *sparsifies while training* instead: the selected weights
-    follow the cubic schedule from their current sparsity to ``target_sparsity`` over
-    ``schedule_steps`` (default: 3/4 of ``steps``), the remaining steps train under the final
-    mask.
+    follow the cubic schedule from their current sparsity to ``target_sparsity``, ranked by the
+    Fisher saliency ``w²·F`` (see :class:`~sparsellm.optim.SparseOptimizer`). The ramp starts
+    after the LR warm-up, so ``F`` has averaged over those batches before the first cut, and
+    lasts ``schedule_steps`` (default: until 3/4 of ``steps``); the remaining steps train under
+    the final mask.
+
+    ``mixed_precision``: ``"auto"`` (default, see :func:`resolve_mixed_precision`), ``"bf16"``,
+    ``"fp16"`` (with a gradient scaler) or ``"no"``; evaluation always runs without autocast.
 
     ``device``: where to train (the model is moved there); default: where the model is.
     Perplexity before/after is measured on ``eval_windows`` if given. The model is left in eval
@@ -133,6 +171,9 @@ def finetune(
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
+    precision = resolve_mixed_precision(mixed_precision, model, device)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     eval_batch_size = eval_batch_size or batch_size
     start = time.perf_counter()
 
@@ -154,12 +195,17 @@ def finetune(
     if target_sparsity is None:
         optimizer = SparseOptimizer(base, params_to_sparsify=selected, model=model, keep_mask=True)
     else:
+        zeros = sum(int((p.detach() == 0).sum()) for _, p in selected)
+        start_sparsity = zeros / max(1, sum(p.numel() for _, p in selected))
         optimizer = SparseOptimizer(
             base,
             params_to_sparsify=selected,
             model=model,
+            keep_mask=True,  # zeros already there stay; the ramp adds to them
             target_sparsity=target_sparsity,
-            schedule_steps=schedule_steps or max(1, (3 * steps) // 4),
+            initial_sparsity=min(start_sparsity, target_sparsity),
+            schedule_start=warmup_steps,
+            schedule_steps=schedule_steps or max(1, (3 * steps) // 4 - warmup_steps),
         )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -177,17 +223,26 @@ def finetune(
     try:
         for step in bar:
             ids = train_windows[next(batches)].to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"training loss is {value} at step {step}")
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             # Frozen entries' gradients are discarded by the step anyway; they must not
             # inflate the norm that clipping sees.
             optimizer.mask_gradients()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(value)
@@ -206,6 +261,7 @@ def finetune(
         lr_schedule=lr_schedule,
         weight_decay=weight_decay,
         max_grad_norm=max_grad_norm,
+        mixed_precision=precision,
         train_windows=int(train_windows.shape[0]),
         seqlen=int(train_windows.shape[1]),
         tokens_seen=steps * batch_size * int(train_windows.shape[1]),

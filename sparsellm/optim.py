@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsellm.masks import prune_counts
+from sparsellm.masks import prune_counts, smallest_mask
 
 __all__ = ["SparseOptimizer", "decoder_layers", "sparsifiable_parameters"]
 
@@ -111,11 +111,21 @@ class SparseOptimizer(torch.optim.Optimizer):
     * ``penalty="l0"`` — prox of ``lam·‖w‖₀`` (``‖w‖₀`` = number of non-zeros), i.e. the hard
       threshold: zero ``w_i`` iff ``|w_i| ≤ √(2τ_i)``; survivors are left unchanged.
     * ``target_sparsity=s_f`` — after step ``t`` every selected tensor has exactly
-      ``round(s_t·numel)`` zeros with ``s_t = s_f + (s_0 − s_f)(1 − t/T)³`` (``"cubic"``, Zhu &
-      Gupta) or ``s_0 + (s_f − s_0)·t/T`` (``"linear"``), ``T = schedule_steps``, ``s_t = s_f``
-      afterwards. The per-tensor threshold is picked by rank of ``|w|`` (stable sort, ties to
-      the lower index), never by ``≤ threshold``, and applied as a hard threshold (an L0 prox
-      whose ``τ`` is chosen to hit the count; a soft shrink would only bias the survivors).
+      ``round(s_t·numel)`` zeros with ``s_t = s_f + (s_0 − s_f)(1 − u/T)³`` (``"cubic"``, Zhu &
+      Gupta) or ``s_0 + (s_f − s_0)·u/T`` (``"linear"``), ``u = t − schedule_start`` clipped to
+      ``[0, T]``, ``T = schedule_steps``: ``s_0`` up to ``schedule_start``, ``s_f`` after the
+      ramp. Which entries go is decided by rank of a per-entry saliency (ties to the lower
+      index, as a stable sort), never by ``≤ threshold``, and the cut is a hard threshold (an
+      L0 prox whose ``τ`` is chosen to hit the count; a soft shrink would only bias the
+      survivors).
+      ``saliency="fisher"`` (default) ranks by ``w²·F`` with ``F`` the diagonal empirical
+      Fisher, an EMA of ``g²``: the second-order estimate ``½·F·w²`` of the loss increase from
+      zeroing ``w`` (Optimal Brain Damage with the Fisher for the Hessian). An Adam-style base
+      optimizer's ``exp_avg_sq`` *is* that EMA and is used as is; for others the wrapper keeps
+      its own (β = 0.999). ``saliency="magnitude"`` ranks by ``|w|`` (gradual magnitude
+      pruning). On SmolLM2-135M, one-shot 50% by ``w²·F`` from 16 batches gave perplexity 59
+      where ``|w|`` gave 407: LLM activations have outlier channels that only a data-aware score
+      sees. ``schedule_start`` lets ``F`` average over some batches before the first cut.
       ``lam`` must be 0 here. **No regrowth**: a weight pruned by the schedule stays zero
       (gradient masked, mask re-applied), so each step only adds the ``k_t − k_{t−1}`` newest
       zeros. Letting pruned weights back would mostly churn: Adam's stale moments push a
@@ -153,6 +163,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         initial_sparsity: schedule start ``s_0``, ``0 ≤ s_0 ≤ s_f``.
         schedule_steps: ``T ≥ 1``, steps of the ramp (required with ``target_sparsity``).
         schedule: ``"cubic"`` or ``"linear"``.
+        schedule_start: steps before the ramp begins (``s_0`` until then), ``≥ 0``.
+        saliency: ``"fisher"`` (``w²·F``) or ``"magnitude"`` (``|w|``), the schedule's ranking.
         keep_mask: freeze the zeros present now.
         preconditioned: take the prox in the Adam metric (see above).
     """
@@ -173,6 +185,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         initial_sparsity: float = 0.0,
         schedule_steps: int | None = None,
         schedule: str = "cubic",
+        schedule_start: int = 0,
+        saliency: str = "fisher",
         keep_mask: bool = False,
         preconditioned: bool = True,
     ) -> None:
@@ -201,6 +215,10 @@ class SparseOptimizer(torch.optim.Optimizer):
             if lam > 0.0:
                 raise ValueError("lam must be 0 with target_sparsity (the schedule sets τ)")
             schedule_steps = int(schedule_steps)
+        if int(schedule_start) < 0:
+            raise ValueError(f"schedule_start must be >= 0, got {schedule_start}")
+        if saliency not in ("fisher", "magnitude"):
+            raise ValueError(f"saliency must be 'fisher' or 'magnitude', not {saliency!r}")
 
         # Deliberately not Optimizer.__init__: it would build a second set of param_groups,
         # while ours must stay the base's own (properties below). Only its hook machinery is
@@ -221,6 +239,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.initial_sparsity = float(initial_sparsity)
         self.schedule_steps = schedule_steps
         self.schedule = schedule
+        self.schedule_start = int(schedule_start)
+        self.saliency = saliency
         self.keep_mask = bool(keep_mask)
         self.preconditioned = bool(preconditioned)
         self.sparse_step = 0  # optimizer steps taken through the wrapper
@@ -232,6 +252,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"the base optimizer does not optimise {missing[:5]}")
         # One entry per selected param: bool tensor (True = held at zero) or None (no mask yet).
         self._masks: list[torch.Tensor | None] = [None] * len(self.sparsified_parameters)
+        # Own EMA of g² per selected param, kept only when the base optimizer has none.
+        self._fisher: list[torch.Tensor | None] = [None] * len(self.sparsified_parameters)
         if self.keep_mask:
             for i, (_, p) in enumerate(self.sparsified_parameters):
                 mask = p.detach() == 0
@@ -339,7 +361,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         outside the target-sparsity mode."""
         if self.target_sparsity is None:
             return None
-        t = self.sparse_step if step is None else step
+        t = (self.sparse_step if step is None else step) - self.schedule_start
         return _schedule_value(
             self.schedule, self.initial_sparsity, self.target_sparsity, t, self.schedule_steps
         )
@@ -376,6 +398,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             if mask is not None:
                 p.masked_fill_(mask, 0)
         if self.target_sparsity is not None:
+            if self.saliency == "fisher":
+                self._update_own_fisher()
             self._schedule_step()
         elif self.lam > 0.0:
             self._prox_step()
@@ -418,6 +442,35 @@ class SparseOptimizer(torch.optim.Optimizer):
             return None
         return (v / correction).sqrt_().add_(eps).to(p.dtype)
 
+    def _base_second_moment(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The base optimizer's EMA of ``g²`` for ``p`` (Adam's ``exp_avg_sq``), if it has one."""
+        v = self.state.get(p, {}).get("exp_avg_sq")
+        return v if isinstance(v, torch.Tensor) and v.shape == p.shape else None
+
+    _FISHER_BETA = 0.999
+
+    def _update_own_fisher(self) -> None:
+        for i, (_, p) in enumerate(self.sparsified_parameters):
+            if p.grad is None or self._base_second_moment(p) is not None:
+                continue
+            g2 = p.grad.detach().float().square()
+            if self._fisher[i] is None:
+                self._fisher[i] = torch.zeros_like(g2)
+            self._fisher[i].mul_(self._FISHER_BETA).add_(g2, alpha=1 - self._FISHER_BETA)
+
+    def _saliency(self, i: int, p: torch.Tensor) -> torch.Tensor:
+        """Per-entry importance of ``p`` (higher = keep), float32, flattened."""
+        if self.saliency == "magnitude":
+            return p.detach().abs().float().reshape(-1)
+        fisher = self._base_second_moment(p)
+        if fisher is None:
+            fisher = self._fisher[i]
+        scores = p.detach().float().square()
+        if fisher is not None:
+            # A scalar factor (Adam's bias correction) does not change ranks within a tensor.
+            scores.mul_(fisher.float())
+        return scores.reshape(-1)
+
     def _schedule_step(self) -> None:
         s_t = self.scheduled_sparsity()
         for i, (_, p) in enumerate(self.sparsified_parameters):
@@ -426,15 +479,12 @@ class SparseOptimizer(torch.optim.Optimizer):
             held = int(mask.sum()) if mask is not None else 0
             if k <= held:
                 continue
-            scores = p.detach().abs().float().reshape(-1)
+            scores = self._saliency(i, p)
             if mask is not None:
                 # Held zeros rank first, so the k smallest are them plus the newest cuts.
                 scores.masked_fill_(mask.reshape(-1), -1.0)
-            order = torch.sort(scores, stable=True).indices
-            new_mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-            new_mask[order[:k]] = True
             # A new tensor, not an in-place update: saved state_dicts must not change later.
-            self._masks[i] = new_mask.view_as(p)
+            self._masks[i] = smallest_mask(scores, k).view_as(p)
             p.masked_fill_(self._masks[i], 0)
 
     # --- checkpointing -----------------------------------------------------------------------
@@ -448,7 +498,8 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus a ``"sparse_optimizer"`` entry (step count,
-        selected param indices and masks keyed by param index)."""
+        selected param indices, and masks and the wrapper's own Fisher EMAs keyed by param
+        index)."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = self.base_optimizer.state_dict()
@@ -460,6 +511,11 @@ class SparseOptimizer(torch.optim.Optimizer):
                 idx: mask
                 for idx, mask in zip(indices, self._masks, strict=True)
                 if mask is not None
+            },
+            "fisher": {
+                idx: fisher.clone()
+                for idx, fisher in zip(indices, self._fisher, strict=True)
+                if fisher is not None
             },
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -494,6 +550,11 @@ class SparseOptimizer(torch.optim.Optimizer):
                     mask = mask.to(device=p.device, dtype=torch.bool, copy=True)
                 masks.append(mask)
             self._masks = masks
+            saved_fisher = own.get("fisher", {})
+            self._fisher = [
+                saved_fisher[idx].to(device=p.device, copy=True) if idx in saved_fisher else None
+                for idx, (_, p) in zip(indices, self.sparsified_parameters, strict=True)
+            ]
             self.sparse_step = int(own["step"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -260,3 +260,18 @@ def test_finetune_bad_steps(capsys, tmp_path, model_dir):
         capsys, "finetune", "--model", model_dir, "--output", tmp_path / "o", "--steps", "0"
     )
     assert code == 2 and "steps" in err and not (tmp_path / "o").exists()
+
+
+def test_finetune_bad_mixed_precision(capsys, tmp_path, model_dir):
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        model_dir,
+        "--output",
+        tmp_path / "o",
+        "--mixed-precision",
+        "fp8",
+    )
+    assert code == 2 and "fp8" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

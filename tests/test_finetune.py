@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import small_llama
 
-from sparsellm.finetune import FinetuneReport, finetune, lr_factor
+from sparsellm.finetune import FinetuneReport, finetune, lr_factor, resolve_mixed_precision
 from sparsellm.optim import sparsifiable_parameters
 
 
@@ -69,9 +69,11 @@ def test_finetune_learns_and_keeps_sparsity_exact():
         warmup_steps=2,
         seed=0,
         progress=False,
+        mixed_precision="no",
     )
 
     assert isinstance(report, FinetuneReport)
+    assert report.mixed_precision == "no"
     assert report.sparsity_before == 0.5
     assert report.sparsity_after == 0.5
     for name, p in selected:
@@ -92,7 +94,15 @@ def test_finetune_learns_and_keeps_sparsity_exact():
 def test_finetune_is_seeded_and_validates():
     windows = repetitive_windows()
     runs = [
-        finetune(pruned_tiny_llama(), windows, steps=3, lr=1e-3, batch_size=3, progress=False)
+        finetune(
+            pruned_tiny_llama(),
+            windows,
+            steps=3,
+            lr=1e-3,
+            batch_size=3,
+            progress=False,
+            mixed_precision="no",
+        )
         for _ in range(2)
     ]
     assert runs[0].losses == runs[1].losses
@@ -102,3 +112,65 @@ def test_finetune_is_seeded_and_validates():
         finetune(pruned_tiny_llama(), windows, steps=0, progress=False)
     with pytest.raises(ValueError, match="train_windows"):
         finetune(pruned_tiny_llama(), windows[0], steps=1, progress=False)
+
+
+def test_mixed_precision_resolution():
+    cpu = torch.device("cpu")
+    model = small_llama(0)
+    assert resolve_mixed_precision("no", model, cpu) == "no"
+    assert resolve_mixed_precision("bf16", model, cpu) == "bf16"
+    # auto follows the CPU's bf16 support for a float32 model ...
+    fast = bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    assert resolve_mixed_precision("auto", model, cpu) == ("bf16" if fast else "no")
+    # ... and never autocasts weights that are already half precision.
+    assert resolve_mixed_precision("auto", model.to(torch.bfloat16), cpu) == "no"
+    with pytest.raises(ValueError, match="fp8"):
+        resolve_mixed_precision("fp8", model, cpu)
+
+
+def test_finetune_under_bf16_autocast_keeps_zeros_and_float32_weights():
+    model = pruned_tiny_llama()
+    selected = sparsifiable_parameters(model)
+    zeros = {name: (p == 0).clone() for name, p in selected}
+    windows = repetitive_windows()
+    report = finetune(
+        model,
+        windows,
+        steps=20,
+        lr=1e-2,
+        batch_size=4,
+        eval_windows=windows,
+        warmup_steps=2,
+        progress=False,
+        mixed_precision="bf16",
+    )
+    assert report.mixed_precision == "bf16"
+    assert report.sparsity_after == report.sparsity_before == 0.5
+    for name, p in selected:
+        assert torch.equal(p.detach() == 0, zeros[name]), name
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert report.perplexity_after < 0.2 * report.perplexity_before
+
+
+def test_finetune_sparsifies_a_dense_model_to_the_exact_target():
+    model = small_llama(0)
+    windows = repetitive_windows()
+    report = finetune(
+        model,
+        windows,
+        steps=12,
+        lr=1e-2,
+        batch_size=4,
+        eval_windows=windows,
+        warmup_steps=2,
+        target_sparsity=0.5,
+        progress=False,
+        mixed_precision="no",
+    )
+    assert report.sparsity_before < 0.01
+    for name, p in sparsifiable_parameters(model):
+        assert int((p == 0).sum()) == round(0.5 * p.numel()), name
+    assert report.sparsity_after == pytest.approx(0.5, abs=1e-6)
+    assert report.perplexity_after < 0.5 * report.perplexity_before

@@ -181,13 +181,75 @@ def test_schedule_breaks_ties_by_rank_not_threshold():
     # lr=0 keeps the weights; all magnitudes tie, so "≤ threshold" would prune everything.
     w = nn.Parameter(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 2.0, 1.0, -1.0, 1.0, 1.0]))
     opt = SparseOptimizer(
-        torch.optim.SGD([w], lr=0.0), target_sparsity=0.5, schedule_steps=2, schedule="linear"
+        torch.optim.SGD([w], lr=0.0),
+        target_sparsity=0.5,
+        schedule_steps=2,
+        schedule="linear",
+        saliency="magnitude",
     )
     w.grad = torch.zeros(10)
     opt.step()  # s_1 = 0.25 → round(2.5) = 2 zeros (half to even), the two lowest indices
     assert torch.equal(w.detach() == 0, torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0]).bool())
     opt.step()  # s_2 = 0.5 → 5 zeros
     assert torch.equal(w.detach() == 0, torch.tensor([1, 1, 1, 1, 1, 0, 0, 0, 0, 0]).bool())
+
+
+@pytest.mark.parametrize("base", ["adam", "sgd"])
+def test_fisher_saliency_ranks_by_w_squared_times_mean_squared_gradient(base):
+    # |w| would cut entries 1 and 0; w²·E[g²] ∝ [1e-4, 25, 0.04, 9] cuts 0 and 2.
+    w = nn.Parameter(torch.tensor([1.0, 0.5, 2.0, 3.0]))
+    grad = torch.tensor([0.01, 10.0, 0.1, 1.0])
+    inner = torch.optim.Adam([w], lr=0.0) if base == "adam" else torch.optim.SGD([w], lr=0.0)
+    fisher = SparseOptimizer(inner, target_sparsity=0.5, schedule_steps=1)
+    w.grad = grad.clone()
+    fisher.step()
+    assert torch.equal(w.detach() == 0, torch.tensor([True, False, True, False]))
+
+    v = nn.Parameter(torch.tensor([1.0, 0.5, 2.0, 3.0]))
+    magnitude = SparseOptimizer(
+        torch.optim.SGD([v], lr=0.0), target_sparsity=0.5, schedule_steps=1, saliency="magnitude"
+    )
+    v.grad = grad.clone()
+    magnitude.step()
+    assert torch.equal(v.detach() == 0, torch.tensor([True, True, False, False]))
+
+
+def test_own_fisher_is_an_ema_of_squared_gradients_for_non_adam_bases():
+    w = nn.Parameter(torch.ones(3))
+    opt = SparseOptimizer(torch.optim.SGD([w], lr=0.0), target_sparsity=0.0, schedule_steps=1)
+    for g in ([1.0, 2.0, 0.0], [3.0, 0.0, 1.0]):
+        w.grad = torch.tensor(g)
+        opt.step()
+    beta = 0.999
+    expected = torch.tensor([1.0, 4.0, 0.0]) * (1 - beta) * beta + torch.tensor([9.0, 0.0, 1.0]) * (
+        1 - beta
+    )
+    assert torch.allclose(opt._fisher[0], expected)
+    # Adam keeps its own second moment: the wrapper adds no copy of it.
+    a = nn.Parameter(torch.ones(3))
+    adam = SparseOptimizer(torch.optim.Adam([a], lr=0.0), target_sparsity=0.0, schedule_steps=1)
+    a.grad = torch.ones(3)
+    adam.step()
+    assert adam._fisher == [None]
+
+
+def test_schedule_start_holds_the_initial_sparsity_then_ramps():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(100))
+    opt = SparseOptimizer(
+        torch.optim.Adam([w], lr=1e-3),
+        target_sparsity=0.6,
+        schedule_steps=4,
+        schedule_start=3,
+        schedule="linear",
+    )
+    counts = []
+    for _ in range(9):
+        w.grad = torch.randn(100)
+        opt.step()
+        counts.append(int((w.detach() == 0).sum()))
+    assert counts == [0, 0, 0, 15, 30, 45, 60, 60, 60]
+    assert opt.scheduled_sparsity(3) == 0.0 and opt.scheduled_sparsity(5) == pytest.approx(0.3)
 
 
 def test_bad_arguments_are_rejected():
@@ -199,6 +261,14 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="lam"):
         SparseOptimizer(
             torch.optim.SGD([w], lr=1.0), target_sparsity=0.5, schedule_steps=3, lam=0.1
+        )
+    with pytest.raises(ValueError, match="saliency"):
+        SparseOptimizer(
+            torch.optim.SGD([w], lr=1.0), target_sparsity=0.5, schedule_steps=3, saliency="grad"
+        )
+    with pytest.raises(ValueError, match="schedule_start"):
+        SparseOptimizer(
+            torch.optim.SGD([w], lr=1.0), target_sparsity=0.5, schedule_steps=3, schedule_start=-1
         )
     with pytest.raises(ValueError, match="does not optimise"):
         SparseOptimizer(torch.optim.SGD([w], lr=1.0), params_to_sparsify=[nn.Parameter(w)])
@@ -298,12 +368,15 @@ def test_params_selection_by_callable_and_default_model():
 # --- checkpointing ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["schedule", "keep_mask_l1"])
+@pytest.mark.parametrize("mode", ["schedule", "schedule_sgd", "keep_mask_l1"])
 def test_state_dict_round_trip(mode):
     def build(model):
-        base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        if mode == "schedule_sgd":
+            base = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        else:
+            base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
         sparse = [model[0].weight, model[2].weight]
-        if mode == "schedule":
+        if mode.startswith("schedule"):
             opt = SparseOptimizer(
                 base, params_to_sparsify=sparse, target_sparsity=0.7, schedule_steps=6
             )
@@ -326,6 +399,7 @@ def test_state_dict_round_trip(mode):
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     assert saved["opt"]["sparse_optimizer"]["step"] == 3
+    assert len(saved["opt"]["sparse_optimizer"]["fisher"]) == (2 if mode == "schedule_sgd" else 0)
 
     second = small_mlp(seed=1)
     second.load_state_dict(saved["model"])
@@ -340,7 +414,7 @@ def test_state_dict_round_trip(mode):
         sched2.step()
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
-    if mode == "schedule":
+    if mode.startswith("schedule"):
         assert int((second[0].weight == 0).sum()) == round(0.7 * 128)
 
 

@@ -113,8 +113,9 @@ def test_propagated_outputs_equal_a_forward_of_the_pruned_block(family, calibrat
         seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
     handle = block1.register_forward_pre_hook(record, with_kwargs=True)
-    prune_model(model, method="sparsellm", sparsity=0.7, calibration=calibration_ids,
-                progress=False)
+    prune_model(
+        model, method="sparsellm", sparsity=0.7, calibration=calibration_ids, progress=False
+    )
     used_by_engine = seen[0]
     seen.clear()
     with torch.no_grad():
