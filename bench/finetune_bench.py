@@ -3,6 +3,10 @@ score on the ready evaluation windows (1990+). One JSON line per run.
 
     python bench/finetune_bench.py --mode keep-mask --steps 120     # SparseGPT 70% → fine-tune
     python bench/finetune_bench.py --mode schedule --steps 120      # dense → 50% while training
+    python bench/finetune_bench.py --mode dense --steps 120         # control: no sparsity at all
+
+The dense control separates what the text itself teaches (the training years are the same
+source as the evaluation years) from what fine-tuning recovers of the pruning loss.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from sparsellm.optim import sparsifiable_parameters
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("keep-mask", "schedule"), required=True)
+    parser.add_argument("--mode", choices=("keep-mask", "schedule", "dense"), required=True)
     parser.add_argument("--shared", default="../shared")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -74,6 +78,14 @@ def main() -> None:
         result["zero_positions_changed"] = sum(
             int(((p.detach() == 0) != zeros_before[n]).sum())
             for n, p in sparsifiable_parameters(model)
+        )
+    elif args.mode == "dense":
+        sparsity = 0.0
+        if not args.skip_before:
+            result["perplexity_dense"] = windows_perplexity(model, evaluation, progress=False)
+        # keep_mask over a dense model: only the checkpoint's own exact zeros are held.
+        report = finetune(
+            model, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size, progress=False
         )
     else:
         sparsity = args.sparsity or 0.5

@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsellm.config import ConfigError, PruneConfig, validate_prune
 from sparsellm.data import calibration_windows, evaluation_windows
+from sparsellm.distributed import shard, world
 from sparsellm.engine import EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
 from sparsellm.methods import block_pruner, needs_calibration
@@ -22,6 +23,16 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_distributed(method: str) -> None:
+    """Refuse methods that cannot share calibration across ``torch.distributed`` ranks."""
+    ranks = world()[1]
+    if ranks > 1 and method == "sparsellm":
+        raise ConfigError(
+            f"method 'sparsellm' runs in one process only ({ranks} ranks were started); "
+            "its FFN solver keeps per-token auxiliaries that are not sharded yet"
+        )
 
 
 def prune_model(
@@ -64,6 +75,7 @@ def prune_model(
         **options,
     )
     target = validate_prune(config, require_io=False)
+    check_distributed(method)
     adapter = get_adapter(model)
     device = default_device(config.device)
 
@@ -84,6 +96,10 @@ def prune_model(
         )
         report.timings["calibration_data"] = time.perf_counter() - started
         report.config["calibration_windows"] = list(windows.shape)
+        ranks = world()[1]
+        if ranks > 1:
+            windows = shard(windows)
+            report.config["ranks"] = ranks
 
     engine_options = EngineOptions(
         device=device,
@@ -123,10 +139,13 @@ def evaluate_perplexity(
     progress: bool = True,
 ) -> float:
     """Perplexity on consecutive ``seqlen`` windows of ``dataset``'s test split (each window
-    evaluated alone). ``dataset`` is a source name, a path, or a token tensor ``[n, seqlen]``."""
+    evaluated alone). ``dataset`` is a source name, a path, or a token tensor ``[n, seqlen]``.
+
+    The model is not moved: if it is not on ``device`` its decoder blocks stream through the
+    device one at a time (see :mod:`sparsellm.evaluation`), so models larger than the device
+    can be scored."""
     windows = evaluation_windows(dataset, tokenizer, seqlen, max_windows)
     device = default_device(device)
-    model.to(device)
     return windows_perplexity(
         model, windows, batch_size=batch_size, device=device, progress=progress
     )

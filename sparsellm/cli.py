@@ -145,7 +145,8 @@ def _options(args: argparse.Namespace, schema: type) -> dict:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from sparsellm.api import default_device, prune_model
+    from sparsellm.api import check_distributed, default_device, prune_model
+    from sparsellm.distributed import init_from_environment, is_main
     from sparsellm.evaluation import windows_perplexity
     from sparsellm.loading import load_model_and_tokenizer
     from sparsellm.saving import save_model
@@ -158,8 +159,11 @@ def run_prune(args: argparse.Namespace) -> int:
         check_source(config.calibration)
     if config.eval:
         check_source(config.eval)
-    device = default_device(config.device)
-    progress = not args.quiet
+    # Under torchrun every rank runs this; rank 0 alone reports and writes.
+    device = init_from_environment(default_device(config.device))
+    check_distributed(config.method)
+    main_rank = is_main()
+    progress = not args.quiet and main_rank
 
     model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
     loaded = time.perf_counter()
@@ -172,9 +176,15 @@ def run_prune(args: argparse.Namespace) -> int:
             config.eval, tokenizer, config.eval_seqlen or config.seqlen, config.eval_windows
         )
         perplexity["dense"] = windows_perplexity(
-            model, eval_windows, batch_size=config.batch_size, device=device, progress=progress
+            model,
+            eval_windows,
+            batch_size=config.batch_size,
+            device=device,
+            progress=progress,
+            across_ranks=True,
         )
-        print(f"dense perplexity: {perplexity['dense']:.3f}", flush=True)
+        if main_rank:
+            print(f"dense perplexity: {perplexity['dense']:.3f}", flush=True)
 
     options = {
         k: v
@@ -205,13 +215,19 @@ def run_prune(args: argparse.Namespace) -> int:
     report.config.update(model=config.model, output=config.output, eval=config.eval)
     report.timings["load"] = loaded - started
     if eval_windows is not None:
-        model.to(device)
+        # The model stays where it was loaded; blocks stream through ``device`` if needed.
         perplexity["pruned"] = windows_perplexity(
-            model, eval_windows, batch_size=config.batch_size, device=device, progress=progress
+            model,
+            eval_windows,
+            batch_size=config.batch_size,
+            device=device,
+            progress=progress,
+            across_ranks=True,
         )
         report.perplexity = perplexity
-        model.to("cpu")
     report.timings["total"] = time.perf_counter() - started
+    if not main_rank:
+        return 0
     output = save_model(model, tokenizer, {REPORT: report.to_dict()}, config.output)
     print(report.summary())
     print(f"pruned model written to {output}")

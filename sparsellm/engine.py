@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsellm.distributed import broadcast_
 from sparsellm.masks import SparsityTarget
 from sparsellm.models import Adapter, linear_weight, set_linear_weight
 from sparsellm.report import LayerReport, PruneReport
@@ -110,6 +111,35 @@ def _to_device(value: object, device: torch.device) -> object:
     return value
 
 
+@contextlib.contextmanager
+def blocks_replaced(adapter: Adapter, replacement: nn.ModuleList) -> Iterator[None]:
+    """Temporarily put ``replacement`` where the adapter's decoder blocks live."""
+    blocks = adapter.blocks()
+    parent_name, _, attr = adapter.blocks_path.rpartition(".")
+    parent = adapter.model.get_submodule(parent_name)
+    setattr(parent, attr, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+
+
+@contextlib.contextmanager
+def rest_on_device(adapter: Adapter, device: torch.device) -> Iterator[None]:
+    """Move everything outside the decoder blocks (embeddings, rotary tables, final norm,
+    head) to ``device`` for the duration; the blocks stay where they are."""
+    model = adapter.model
+    # Detach the blocks so that moving "the rest of the model" leaves them where they are.
+    with blocks_replaced(adapter, nn.ModuleList()):
+        home = next(model.parameters()).device
+        model.to(device)
+    try:
+        yield
+    finally:
+        with blocks_replaced(adapter, nn.ModuleList()):
+            model.to(home)
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, options: EngineOptions
@@ -120,14 +150,6 @@ def capture_block_inputs(
     device, and only for this step.
     """
     blocks = adapter.blocks()
-    parent_name, _, attr = adapter.blocks_path.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    # Detach the blocks so that moving "the rest of the model" leaves them where they are.
-    setattr(parent, attr, nn.ModuleList())
-    home = next(model.parameters()).device
-    model.to(options.device)
-    setattr(parent, attr, blocks)
-
     hidden, args_list, kwargs_list = [], [], []
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -142,15 +164,13 @@ def capture_block_inputs(
 
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
-        for start in range(0, windows.shape[0], options.batch_size):
-            ids = windows[start : start + options.batch_size].to(options.device)
-            with contextlib.suppress(_Captured):
-                model(input_ids=ids, use_cache=False)
+        with rest_on_device(adapter, options.device):
+            for start in range(0, windows.shape[0], options.batch_size):
+                ids = windows[start : start + options.batch_size].to(options.device)
+                with contextlib.suppress(_Captured):
+                    model(input_ids=ids, use_cache=False)
     finally:
         handle.remove()
-        setattr(parent, attr, nn.ModuleList())
-        model.to(home)
-        setattr(parent, attr, blocks)
     return BlockInputs(hidden=hidden, args=args_list, kwargs=kwargs_list)
 
 
@@ -265,11 +285,13 @@ def solve_layers(
             blocksize=job.options.blocksize,
             dampening=job.options.dampening,
         )
+        # Ranks solved the same problem; rank 0's answer makes their models bit-identical.
+        weight = broadcast_(result.weight.contiguous())
         write_solution(
             job,
             name,
             original,
-            result.weight,
+            weight,
             stats.get(name),
             damping=result.damping,
             damping_retries=result.damping_retries,

@@ -1,12 +1,23 @@
-"""Perplexity of a causal LM over fixed token windows (each window evaluated alone)."""
+"""Perplexity of a causal LM over fixed token windows (each window evaluated alone).
+
+A model that already sits on the evaluation device runs whole, batch by batch. Otherwise the
+evaluation is *block-streamed* like pruning: the decoder blocks visit the device one at a time
+and every window's hidden states move through each block before the next one loads, so a model
+far larger than the device can be scored; the model's own head code (final norm, lm_head, any
+logit scaling) then runs with the blocks replaced by stand-ins that hand on the final states.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
+
+from sparsellm.distributed import all_reduce_sum_, shard, world
 
 LOGITS_BUDGET_BYTES = 512 * 2**20
 
@@ -18,6 +29,24 @@ def logits_batch_limit(model: torch.nn.Module, seqlen: int) -> int:
     return max(1, LOGITS_BUDGET_BYTES // (seqlen * vocab * 4 * 2))
 
 
+def on_device(model: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``model`` lives on ``device``."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(_same_device(t.device, device) for t in tensors)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    # "cuda" and "cuda:0" name the same device when the current one is 0.
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (
+        b.index if b.index is not None else current
+    )
+
+
 @torch.no_grad()
 def windows_nll(
     model: torch.nn.Module,
@@ -26,27 +55,116 @@ def windows_nll(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
+    streamed: bool | None = None,
+    across_ranks: bool = False,
 ) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over ``windows`` [n, seqlen] and the count of
-    predicted tokens (``n × (seqlen − 1)``)."""
+    predicted tokens (``n × (seqlen − 1)``).
+
+    ``device`` defaults to where the model is. ``streamed``: ``None`` (default) streams the
+    decoder blocks through ``device`` when the model is not entirely there (it is not moved),
+    ``True`` always streams, ``False`` runs the model whole (it must be on ``device``).
+    ``across_ranks``: under ``torch.distributed`` each rank scores its share of the windows
+    and the sums are all-reduced (every rank must call this and gets the same figures).
+    """
+    if across_ranks:
+        windows = shard(windows)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch_size = min(batch_size, logits_batch_limit(model, windows.shape[1]))
+    if streamed is None:
+        streamed = not on_device(model, device)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
+    try:
+        logits_batches = (
+            _streamed_logits(model, windows, batch_size, device, progress)
+            if streamed
+            else _whole_model_logits(model, windows, batch_size, device, progress)
+        )
+        for ids, logits in logits_batches:
+            labels = ids[:, 1:]
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels.reshape(-1),
+                reduction="sum",
+            )
+            total += nll.double().cpu()
+            count += labels.numel()
+    finally:
+        model.train(was_training)
+    if across_ranks and world()[1] > 1:
+        sums = all_reduce_sum_(
+            torch.tensor([float(total), count], dtype=torch.float64, device=device)
+        )
+        return float(sums[0]), int(sums[1])
+    return float(total), count
+
+
+def _whole_model_logits(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, progress: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     starts = range(0, windows.shape[0], batch_size)
     for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        labels = ids[:, 1:]
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
-        )
-        total += nll.double().cpu()
-        count += labels.numel()
-    model.train(was_training)
-    return float(total), count
+        yield ids, model(input_ids=ids, use_cache=False).logits
+
+
+class _HandOn(nn.Module):
+    """Stands in for a decoder block: passes its input on, or (the last one) the stored final
+    hidden states of the current batch, in the return format of the block it replaces."""
+
+    def __init__(self, tuple_length: int | None, final: list[torch.Tensor] | None = None):
+        super().__init__()
+        self.tuple_length = tuple_length
+        self.final = final
+        self.batch = 0
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if self.final is not None:
+            hidden = self.final[self.batch]
+            self.batch += 1
+        if self.tuple_length is None:
+            return hidden
+        return (hidden,) + (None,) * (self.tuple_length - 1)
+
+
+def _streamed_logits(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, progress: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from sparsellm.engine import (
+        EngineOptions,
+        block_output,
+        blocks_replaced,
+        capture_block_inputs,
+        rest_on_device,
+    )
+    from sparsellm.models import get_adapter
+
+    adapter = get_adapter(model)
+    options = EngineOptions(device=device, batch_size=batch_size, progress=False)
+    inputs = capture_block_inputs(model, adapter, windows, options)
+    blocks = adapter.blocks()
+    formats: list[int | None] = []
+    bar = tqdm(blocks, desc="perplexity (streamed)", unit="block", disable=not progress)
+    for block in bar:
+        home = next(block.parameters()).device
+        block.to(device)
+        outputs = []
+        for hidden, args, kwargs in inputs.batches():
+            out = block(hidden, *args, **kwargs)
+            outputs.append(block_output(out))
+        formats.append(len(out) if isinstance(out, tuple | list) else None)
+        inputs.hidden = outputs
+        block.to(home)
+    stand_ins = nn.ModuleList(_HandOn(f) for f in formats[:-1])
+    stand_ins.append(_HandOn(formats[-1], final=inputs.hidden))
+    with rest_on_device(adapter, device), blocks_replaced(adapter, stand_ins):
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            yield ids, model(input_ids=ids, use_cache=False).logits
 
 
 def windows_perplexity(
@@ -56,9 +174,18 @@ def windows_perplexity(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
+    streamed: bool | None = None,
+    across_ranks: bool = False,
 ) -> float:
-    """``exp(sum NLL / predicted tokens)`` over ``windows`` [n, seqlen] of token ids."""
+    """``exp(sum NLL / predicted tokens)`` over ``windows`` [n, seqlen] of token ids; see
+    :func:`windows_nll` for ``device``, ``streamed`` and ``across_ranks``."""
     nll, count = windows_nll(
-        model, windows, batch_size=batch_size, device=device, progress=progress
+        model,
+        windows,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        streamed=streamed,
+        across_ranks=across_ranks,
     )
     return math.exp(nll / count)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsellm.distributed import all_reduce_sum_
 from sparsellm.linalg import add_gram_upper, gram_blocks, mirror_upper
 from sparsellm.solvers.base import LayerStatistics, Statistic
 
@@ -87,10 +88,15 @@ class StatisticsCollector:
         self._tokens[name] += x.shape[0]
 
     def results(self) -> dict[str, LayerStatistics]:
-        """Statistics per layer; layers of one sharing group hold the same tensors."""
+        """Statistics per layer; layers of one sharing group hold the same tensors.
+
+        Under ``torch.distributed`` the sums and token counts are all-reduced first, so every
+        rank gets the statistics of all ranks' tokens (every rank must call this)."""
         by_owner: dict[str, LayerStatistics] = {}
         for owner, total in self._sums.items():
-            tokens = self._tokens[owner]
+            counted = torch.tensor([self._tokens[owner]], dtype=torch.float64, device=total.device)
+            all_reduce_sum_(total)
+            tokens = int(all_reduce_sum_(counted).item())
             if self.kind is Statistic.HESSIAN:
                 mirror_upper(total, self._blocks[owner])
                 by_owner[owner] = LayerStatistics(

@@ -1,0 +1,5 @@
+"""``python -m sparsellm`` (and ``torchrun -m sparsellm``): the command line."""
+
+from sparsellm.cli import main
+
+raise SystemExit(main())

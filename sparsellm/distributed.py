@@ -1,0 +1,83 @@
+"""Data-parallel calibration over ``torch.distributed`` ranks (launch with ``torchrun``).
+
+Each rank holds a share of the calibration windows and pushes only those through the blocks.
+The statistics a layer-wise solver needs are sums over tokens, so they are all-reduced and
+every rank solves the same problem; rank 0's solved weight is then broadcast, so the ranks
+hold bit-identical models whatever their kernels' float ordering. Without an initialised
+process group (or with one rank) every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from sparsellm.errors import UserError
+
+__all__ = [
+    "all_reduce_sum_",
+    "broadcast_",
+    "init_from_environment",
+    "is_main",
+    "shard",
+    "world",
+]
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that reports and writes."""
+    return world()[0] == 0
+
+
+def shard(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's share of ``windows`` [n, seqlen] (every ``world_size``-th, from its rank)."""
+    rank, size = world()
+    if size == 1:
+        return windows
+    if windows.shape[0] < size:
+        raise UserError(
+            f"{windows.shape[0]} windows cannot be shared by {size} processes: "
+            "each needs at least one"
+        )
+    return windows[rank::size]
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place."""
+    if world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` with rank ``src``'s, in place."""
+    if world()[1] > 1:
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def init_from_environment(device: torch.device) -> torch.device:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1) and return this
+    rank's device (``cuda:LOCAL_RANK`` for CUDA); a no-op in a single process.
+
+    Backend: NCCL for CUDA devices, gloo otherwise. The timeout is generous because rank 0
+    may be busy (loading, saving) while the others wait at a collective.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    return device

@@ -1,0 +1,72 @@
+"""Data-parallel calibration: two gloo ranks on CPU prune like one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import VOCAB, tiny_model
+
+from sparsellm import prune_model
+from sparsellm.errors import UserError
+from sparsellm.optim import sparsifiable_parameters
+
+
+def calibration() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(3))
+
+
+def prune(method: str) -> torch.nn.Module:
+    model = tiny_model("llama")
+    prune_model(
+        model, method=method, sparsity=0.5, calibration=calibration(), batch_size=2, progress=False
+    )
+    return model
+
+
+def _rank(rank: int, world: int, init_file: str, out: str, method: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = prune(method)
+        torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_two_ranks_prune_like_one_process(tmp_path, method):
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(tmp_path), method), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = prune(method)
+    names = {name for name, _ in sparsifiable_parameters(single)}
+    for name, reference in single.state_dict().items():
+        # rank 0's solution is broadcast: the ranks' models are bit-identical
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        if name in names:
+            # Gram sums in another order: the same masks, weights equal to float rounding
+            assert torch.equal(ranks[0][name] == 0, reference == 0), name
+            assert torch.allclose(ranks[0][name], reference, rtol=1e-4, atol=1e-5), name
+        else:
+            assert torch.equal(ranks[0][name], reference), name
+
+
+def test_sparsellm_refuses_several_ranks(monkeypatch):
+    import sparsellm.api as api
+
+    monkeypatch.setattr(api, "world", lambda: (0, 2))
+    with pytest.raises(UserError, match="one process"):
+        prune_model(tiny_model("llama"), method="sparsellm", calibration=calibration())
+
+
+def test_shard_takes_every_nth_window_and_needs_one_per_rank(monkeypatch):
+    import sparsellm.distributed as distributed
+
+    windows = torch.arange(10).reshape(5, 2)
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    assert torch.equal(distributed.shard(windows), windows[1::2])
+    monkeypatch.setattr(distributed, "world", lambda: (0, 8))
+    with pytest.raises(UserError, match="5 windows cannot be shared by 8"):
+        distributed.shard(windows)
