@@ -137,15 +137,22 @@ def evaluate_perplexity(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     progress: bool = True,
+    across_ranks: bool = False,
 ) -> float:
     """Perplexity on consecutive ``seqlen`` windows of ``dataset``'s test split (each window
     evaluated alone). ``dataset`` is a source name, a path, or a token tensor ``[n, seqlen]``.
 
     The model is not moved: if it is not on ``device`` its decoder blocks stream through the
     device one at a time (see :mod:`sparsellm.evaluation`), so models larger than the device
-    can be scored."""
+    can be scored. ``across_ranks``: under ``torch.distributed`` each rank scores a share of
+    the windows (see :func:`~sparsellm.evaluation.windows_nll`)."""
     windows = evaluation_windows(dataset, tokenizer, seqlen, max_windows)
     device = default_device(device)
     return windows_perplexity(
-        model, windows, batch_size=batch_size, device=device, progress=progress
+        model,
+        windows,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        across_ranks=across_ranks,
     )

@@ -236,6 +236,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from sparsellm.api import default_device, evaluate_perplexity
+    from sparsellm.distributed import init_from_environment, is_main
     from sparsellm.loading import load_model_and_tokenizer
 
     recipe = load_recipe(args.recipe, EvalConfig) if args.recipe else {}
@@ -247,7 +248,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     check_source(config.dataset)
-    device = default_device(config.device)
+    device = init_from_environment(default_device(config.device))
     model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
     ppl = evaluate_perplexity(
         model,
@@ -257,8 +258,11 @@ def run_eval(args: argparse.Namespace) -> int:
         max_windows=config.max_windows,
         batch_size=config.batch_size,
         device=device,
-        progress=not args.quiet,
+        progress=not args.quiet and is_main(),
+        across_ranks=True,
     )
+    if not is_main():
+        return 0
     print(f"perplexity {ppl:.4f} ({config.model} on {config.dataset}, seqlen {config.seqlen})")
     return 0
 

@@ -223,6 +223,7 @@ def finetune(
     try:
         for step in bar:
             ids = train_windows[next(batches)].to(device)
+            step_lr = optimizer.param_groups[0]["lr"]  # the LR this step uses
             with torch.autocast(
                 device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):
@@ -246,7 +247,7 @@ def finetune(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{step_lr:.2e}")
     finally:
         bar.close()
         model.eval()

@@ -70,3 +70,52 @@ def test_shard_takes_every_nth_window_and_needs_one_per_rank(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: (0, 8))
     with pytest.raises(UserError, match="5 windows cannot be shared by 8"):
         distributed.shard(windows)
+
+
+def test_torchrun_prune_writes_once_and_matches_one_process(tmp_path, model_dir, calibration_text):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    common = ["prune", "--model", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5"]
+    common += ["--calibration", str(calibration_text), "--eval", str(calibration_text)]
+    common += ["--nsamples", "8", "--seqlen", "32", "--batch-size", "2", "--device", "cpu"]
+    common += ["--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher += ["--nproc-per-node", "2", "-m", "sparsellm"]
+    two = subprocess.run(
+        [*launcher, *common, "--output", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("pruned model written to") == 1  # rank 0 alone reports and writes
+    one = subprocess.run(
+        [sys.executable, "-m", "sparsellm", *common, "--output", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+
+    reports = [
+        json.loads((tmp_path / d / "sparsity_report.json").read_text()) for d in ("one", "two")
+    ]
+    assert reports[1]["config"]["ranks"] == 2
+    for stage in ("dense", "pruned"):
+        assert reports[1]["perplexity"][stage] == pytest.approx(
+            reports[0]["perplexity"][stage], rel=1e-5
+        )
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("one", "two")]
+    for (name, a), (_, b) in zip(
+        models[0].named_parameters(), models[1].named_parameters(), strict=True
+    ):
+        assert torch.equal(a == 0, b == 0), name
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
