@@ -25,16 +25,6 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def check_distributed(method: str) -> None:
-    """Refuse methods that cannot share calibration across ``torch.distributed`` ranks."""
-    ranks = world()[1]
-    if ranks > 1 and method == "sparsellm":
-        raise ConfigError(
-            f"method 'sparsellm' runs in one process only ({ranks} ranks were started); "
-            "its FFN solver keeps per-token auxiliaries that are not sharded yet"
-        )
-
-
 def prune_model(
     model: nn.Module,
     tokenizer: object | None = None,
@@ -75,7 +65,6 @@ def prune_model(
         **options,
     )
     target = validate_prune(config, require_io=False)
-    check_distributed(method)
     adapter = get_adapter(model)
     device = default_device(config.device)
 

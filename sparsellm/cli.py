@@ -145,7 +145,7 @@ def _options(args: argparse.Namespace, schema: type) -> dict:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from sparsellm.api import check_distributed, default_device, prune_model
+    from sparsellm.api import default_device, prune_model
     from sparsellm.distributed import init_from_environment, is_main
     from sparsellm.evaluation import windows_perplexity
     from sparsellm.loading import load_model_and_tokenizer
@@ -161,7 +161,6 @@ def run_prune(args: argparse.Namespace) -> int:
         check_source(config.eval)
     # Under torchrun every rank runs this; rank 0 alone reports and writes.
     device = init_from_environment(default_device(config.device))
-    check_distributed(config.method)
     main_rank = is_main()
     progress = not args.quiet and main_rank
 

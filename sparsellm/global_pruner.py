@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsellm.distributed import all_reduce_sum_, broadcast_, world
 from sparsellm.engine import (
     BlockJob,
     BlockPruner,
@@ -85,7 +86,11 @@ def sparsellm_pruner(
         residual = job.adapter.ffn_sees_residual()
         target = dense - block_out + ffn_out if residual else ffn_out
         # With the residual target, the FFN's error *is* the block's output error.
-        to_block_error = float(target.square().sum() / dense.square().sum()) if residual else None
+        to_block_error = None
+        if residual:
+            ratio = torch.stack([target.square().sum(), dense.square().sum()]).double()
+            all_reduce_sum_(ratio)
+            to_block_error = float(ratio[0] / ratio[1])
         residual_stream = block_out - ffn_out if residual else None
         del dense, block_out, dense_out
 
@@ -112,12 +117,18 @@ def sparsellm_pruner(
             device=job.options.device,
             dampening=job.options.dampening,
             blocksize=job.options.blocksize,
+            reduce=all_reduce_sum_ if world()[1] > 1 else None,
         )
         x32 = X.to(torch.float32)
-        input_stats = LayerStatistics(tokens=x32.shape[0], hessian=x32.T @ x32 / x32.shape[0])
+        gram = all_reduce_sum_(x32.T @ x32)
+        tokens = int(all_reduce_sum_(torch.tensor([float(x32.shape[0])], device=gram.device)))
+        input_stats = LayerStatistics(tokens=tokens, hessian=gram / tokens)
         new = {ffn.up: result.up, ffn.down: result.down}
         if gate is not None:
             new[ffn.gate] = result.gate
+        for name in ffn_names:
+            # Every rank solved the same problem; rank 0's answer keeps them bit-identical.
+            new[name] = broadcast_(new[name].contiguous())
         for name in ffn_names:
             write_solution(
                 job, name, originals[name], new[name], input_stats if name != ffn.down else None

@@ -91,6 +91,8 @@ _INIT_DOWN_TOKENS = 4096
 
 ActivationLike = Callable[[Tensor], Tensor] | str
 ProgressFn = Callable[[dict[str, Any]], None]
+# Sums a tensor in place over the processes sharing the tokens (torch.distributed all-reduce).
+ReduceFn = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -570,6 +572,7 @@ def sparsellm_ffn(
     dampening: float = 0.01,
     blocksize: int = 128,
     progress: ProgressFn | None = None,
+    reduce: ReduceFn | None = None,
 ) -> FFNSolveResult:
     """Prune a feed-forward block's up (and gate) and down projections jointly (SparseLLM).
 
@@ -591,6 +594,10 @@ def sparsellm_ffn(
         dampening: Gram damping fraction of the mean diagonal (LS solves and OBS).
         blocksize: OBS column block.
         progress: called with a dict after each stage.
+        reduce: for tokens sharded across processes: sums a tensor in place over all of them
+            (an all-reduce). Every token sum (Grams, cross-products, norms) goes through it
+            before it is used, so each process solves the problem of all tokens; ``X``/``Y``
+            are then this process's rows. ``None``: all tokens are here.
 
     Returns:
         :class:`FFNSolveResult` with float32 weights on ``up``'s device.
@@ -626,6 +633,12 @@ def sparsellm_ffn(
             raise ValueError(f"{name} must be a positive finite number, got {v}")
 
     dev = torch.device(device) if device is not None else X.device
+
+    def total(*sums: Tensor) -> None:
+        if reduce is not None:
+            for t in sums:
+                reduce(t)
+
     store = X.device
     f32 = torch.float32
     for name, t in (
@@ -681,7 +694,9 @@ def sparsellm_ffn(
     # The first down solve only steers the first p-update (the down weight that is returned
     # is refitted on the pruned activations at the end), so a strided token sample suffices
     # for its f × f Gram, the most expensive product of this pass.
-    stride = 1 if epochs == 0 else max(1, math.ceil(N / _INIT_DOWN_TOKENS))
+    tokens_all = torch.tensor([float(N)], dtype=torch.float64, device=dev)
+    total(tokens_all)
+    stride = 1 if epochs == 0 else max(1, math.ceil(float(tokens_all) / _INIT_DOWN_TOKENS))
     # ‖m‖², ‖n‖², ‖a‖², ‖T‖², ‖Y‖², ‖T‖² of the sample
     scales = torch.zeros(6, dtype=torch.float64, device=dev)
     for i, j in chunks:
@@ -701,6 +716,7 @@ def sparsellm_ffn(
         add_gram_upper(H2, a[off::stride], fblocks)
         C2.addmm_(Tc[off::stride].T, a[off::stride])
         scales[5] += _sq_norm(Tc[off::stride])
+    total(H, x_sum, H2, C2, scales)
     mirror_upper(H2, fblocks)
     sq_m, sq_n, sq_a, sq_t, sq_y = (float(v) for v in scales[:5])
     if not all(math.isfinite(v) for v in (sq_m, sq_n, sq_a, sq_t, sq_y)):
@@ -825,6 +841,7 @@ def sparsellm_ffn(
             if not last:
                 add_gram_upper(H2, p, fblocks)
                 C2.addmm_(Tc.T, p)
+        total(C1, sums, *([Cg] if gated else []), *([] if last else [H2, C2]))
         vals = [float(v) for v in sums]
         if not all(math.isfinite(v) for v in vals):
             raise NumericalError(f"auxiliary update of epoch {epoch} produced NaN/Inf")
@@ -871,6 +888,7 @@ def sparsellm_ffn(
         a, _, _ = true_activation(Xc, W1, Wg)
         add_gram_upper(Ha, a, fblocks)
         Ca.addmm_(Tc.T, a)
+    total(Ha, Ca)
     mirror_upper(Ha, fblocks)
     _check_finite("activation Gram of the pruned up/gate", Ha)
     before = _quad_value(W2, Ha, Ca, sq_t)
