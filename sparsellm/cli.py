@@ -145,6 +145,8 @@ def _options(args: argparse.Namespace, schema: type) -> dict:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    import torch
+
     from sparsellm.api import default_device, prune_model
     from sparsellm.distributed import init_from_environment, is_main
     from sparsellm.evaluation import windows_perplexity
@@ -168,20 +170,25 @@ def run_prune(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     eval_windows = None
     perplexity = {}
+
+    def score(windows: torch.Tensor) -> float:
+        # The model stays where it was loaded; blocks stream through ``device`` if needed.
+        return windows_perplexity(
+            model,
+            windows,
+            batch_size=config.batch_size,
+            device=device,
+            progress=progress,
+            across_ranks=True,
+        )
+
     if config.eval:
         from sparsellm.data import evaluation_windows
 
         eval_windows = evaluation_windows(
             config.eval, tokenizer, config.eval_seqlen or config.seqlen, config.eval_windows
         )
-        perplexity["dense"] = windows_perplexity(
-            model,
-            eval_windows,
-            batch_size=config.batch_size,
-            device=device,
-            progress=progress,
-            across_ranks=True,
-        )
+        perplexity["dense"] = score(eval_windows)
         if main_rank:
             print(f"dense perplexity: {perplexity['dense']:.3f}", flush=True)
 
@@ -214,15 +221,7 @@ def run_prune(args: argparse.Namespace) -> int:
     report.config.update(model=config.model, output=config.output, eval=config.eval)
     report.timings["load"] = loaded - started
     if eval_windows is not None:
-        # The model stays where it was loaded; blocks stream through ``device`` if needed.
-        perplexity["pruned"] = windows_perplexity(
-            model,
-            eval_windows,
-            batch_size=config.batch_size,
-            device=device,
-            progress=progress,
-            across_ranks=True,
-        )
+        perplexity["pruned"] = score(eval_windows)
         report.perplexity = perplexity
     report.timings["total"] = time.perf_counter() - started
     if not main_rank:
