@@ -70,8 +70,17 @@ def sparsellm_pruner(
 
     def prune_block(job: BlockJob) -> list[torch.Tensor] | None:
         ffn = job.adapter.feed_forward(job.block)
-        ffn_names = [name for name in (ffn.up, ffn.gate, ffn.down) if name]
-        joint = all(name in job.layers for name in ffn_names)
+        if ffn is None:
+            if job.index == 0:
+                job.report.notes.append(
+                    f"{job.adapter.family} blocks: feed-forward wiring unknown, so every layer "
+                    "was pruned with SparseGPT (no joint FFN solve)"
+                )
+            ffn_names: list[str] = []
+            joint = False
+        else:
+            ffn_names = [name for name in (ffn.up, ffn.gate, ffn.down) if name]
+            joint = all(name in job.layers for name in ffn_names)
         local = {n: m for n, m in job.layers.items() if not (joint and n in ffn_names)}
 
         stats, dense_out = collect_statistics(job, local, Statistic.HESSIAN, keep_outputs=True)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sparsellm.masks import prune_counts, smallest_mask
+from sparsellm.models.base import decoder_layers, is_linear
 
 __all__ = ["SparseOptimizer", "decoder_layers", "sparsifiable_parameters"]
 
@@ -39,30 +40,6 @@ ParamSelection = (
 )
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` holding a transformer's decoder blocks.
-
-    Found generically: the ModuleList whose length is ``config.num_hidden_layers`` (of the text
-    config for multimodal models; the one with most parameters if several match), otherwise the
-    longest ModuleList in the model.
-    """
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks")
-
-    def size(ml: nn.ModuleList) -> int:
-        return sum(p.numel() for p in ml.parameters())
-
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    layers = getattr(config, "num_hidden_layers", None)
-    matching = [ml for ml in lists if len(ml) == layers]
-    if matching:
-        return max(matching, key=size)
-    return max(lists, key=lambda ml: (len(ml), size(ml)))
-
-
 def sparsifiable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The weights pruning is meant for: the 2-D ``weight`` of every ``nn.Linear`` (and
     transformers ``Conv1D``) inside the decoder blocks (see :func:`decoder_layers`).
@@ -71,19 +48,7 @@ def sparsifiable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     so they are never returned. Names are the model's own ``named_parameters`` names, in model
     order; tied weights appear once.
     """
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        linear_types: tuple[type, ...] = (nn.Linear, Conv1D)
-    except ImportError:  # pragma: no cover - transformers is a dependency, but keep this usable
-        linear_types = (nn.Linear,)
-
-    blocks = decoder_layers(model)
-    wanted = {
-        id(m.weight)
-        for m in blocks.modules()
-        if isinstance(m, linear_types) and isinstance(m.weight, torch.Tensor) and m.weight.ndim == 2
-    }
+    wanted = {id(m.weight) for m in decoder_layers(model).modules() if is_linear(m)}
     return [(name, p) for name, p in model.named_parameters() if id(p) in wanted]
 
 

@@ -9,14 +9,18 @@ from sparsellm.models.base import (
     Adapter,
     FeedForward,
     UnsupportedModelError,
+    decoder_layers,
+    is_linear,
     linear_weight,
     set_linear_weight,
 )
+from sparsellm.models.generic import GenericAdapter
 from sparsellm.models.gpt2 import GPT2Adapter
 from sparsellm.models.llama import LlamaAdapter
 from sparsellm.models.opt import OPTAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter)
+# Layout-specific adapters first; the generic one (layer-wise only for SparseLLM's FFN) last.
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter, GenericAdapter)
 
 
 def supported_families() -> str:
@@ -39,8 +43,11 @@ __all__ = [
     "ADAPTERS",
     "Adapter",
     "FeedForward",
+    "GenericAdapter",
     "UnsupportedModelError",
+    "decoder_layers",
     "get_adapter",
+    "is_linear",
     "linear_weight",
     "set_linear_weight",
     "supported_families",

@@ -35,6 +35,37 @@ class FeedForward:
     activation: Callable[[torch.Tensor], torch.Tensor]
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` holding a transformer's decoder blocks.
+
+    Found generically: the ModuleList whose length is ``config.num_hidden_layers`` (of the text
+    config for multimodal models; the one with most parameters if several match), otherwise the
+    longest ModuleList in the model.
+    """
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks")
+
+    def size(ml: nn.ModuleList) -> int:
+        return sum(p.numel() for p in ml.parameters())
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None)
+    matching = [ml for ml in lists if len(ml) == layers]
+    if matching:
+        return max(matching, key=size)
+    return max(lists, key=lambda ml: (len(ml), size(ml)))
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or transformers ``Conv1D`` with a 2-D weight: what pruning rewrites."""
+    weight = getattr(module, "weight", None)
+    kind = isinstance(module, nn.Linear) or _is_conv1d(module)
+    return kind and isinstance(weight, torch.Tensor) and weight.ndim == 2
+
+
 def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
     """``root.get_submodule(path)`` or ``None`` when any part is missing."""
     try:
@@ -91,9 +122,10 @@ class Adapter:
         """Prunable layers of ``block`` by relative name."""
         return {name: block.get_submodule(name) for name in self.linears}
 
-    def feed_forward(self, block: nn.Module) -> FeedForward:
-        """How ``block``'s feed-forward part is wired."""
-        raise NotImplementedError
+    def feed_forward(self, block: nn.Module) -> FeedForward | None:
+        """How ``block``'s feed-forward part is wired; ``None`` when the adapter does not know
+        (SparseLLM then prunes that block layer by layer with SparseGPT)."""
+        return None
 
     def ffn_sees_residual(self) -> bool:
         """True when the FFN output is added straight onto the block output (pre-norm blocks):

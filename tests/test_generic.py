@@ -1,0 +1,99 @@
+"""The generic adapter: architectures without a dedicated adapter prune layer by layer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import VOCAB
+
+from sparsellm import prune_model
+from sparsellm.evaluation import windows_perplexity
+from sparsellm.models import get_adapter, is_linear, linear_weight
+
+
+def generic_config(kind: str):
+    import transformers as tf
+
+    small = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    if kind == "gpt_neox":  # fused query_key_value
+        return tf.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            **small,
+        )
+    if kind == "phi":  # fc1 / fc2, parallel attention and MLP
+        return tf.PhiConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            **small,
+        )
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            pad_token_id=0,
+            **small,
+        )
+    if kind == "falcon":
+        return tf.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, **small)
+    if kind == "gptj":
+        return tf.GPTJConfig(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, **small)
+    if kind == "bloom":
+        return tf.BloomConfig(hidden_size=64, n_head=4, n_layer=2, **small)
+    raise ValueError(kind)
+
+
+KINDS = ("gpt_neox", "phi", "phi3", "falcon", "gptj", "bloom")
+
+
+def generic_model(kind: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(generic_config(kind)).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generic_models_prune_every_block_linear_exactly(kind, calibration_ids):
+    model = generic_model(kind)
+    adapter = get_adapter(model)
+    assert adapter.family == "generic"
+    blocks = adapter.blocks()
+    linears = sum(1 for b in blocks for m in b.modules() if is_linear(m))
+    windows = calibration_ids[:4]
+    dense = windows_perplexity(model, windows, progress=False)
+
+    report = prune_model(model, method="sparsegpt", sparsity=0.5, calibration=calibration_ids)
+
+    assert len(report.layers) == linears > 0
+    for block in blocks:
+        for name, module in adapter.prunable(block).items():
+            weight = linear_weight(module)
+            assert int((weight == 0).sum()) == round(0.5 * weight.numel()), name
+    assert all(0 <= layer.relative_error < 0.5 for layer in report.layers)
+    pruned = windows_perplexity(model, windows, progress=False)
+    streamed = windows_perplexity(model, windows, progress=False, streamed=True)
+    assert math.isfinite(pruned) and pruned != dense
+    assert streamed == pytest.approx(pruned, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "phi3"])
+def test_sparsellm_on_a_generic_model_is_sparsegpt_and_says_so(kind, calibration_ids):
+    models = [generic_model(kind), generic_model(kind)]
+    reports = [
+        prune_model(m, method=method, sparsity=0.6, calibration=calibration_ids, progress=False)
+        for m, method in zip(models, ("sparsellm", "sparsegpt"), strict=True)
+    ]
+    assert any("SparseGPT" in note for note in reports[0].notes)
+    for (name, a), (_, b) in zip(
+        models[0].named_parameters(), models[1].named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
