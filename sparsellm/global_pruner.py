@@ -43,7 +43,8 @@ def _capture_ffn(job: BlockJob, up: nn.Module, down: nn.Module) -> tuple[torch.T
     inputs, outputs = [], []
     handles = [
         up.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach())),
-        down.register_forward_hook(lambda m, i, o: outputs.append(o.detach())),
+        # A copy: some blocks (Falcon) add into the FFN output in place afterwards.
+        down.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone())),
     ]
     try:
         with torch.no_grad():
@@ -58,6 +59,39 @@ def _capture_ffn(job: BlockJob, up: nn.Module, down: nn.Module) -> tuple[torch.T
     return flat(inputs), flat(outputs), flat(blocks)
 
 
+@torch.no_grad()
+def _wiring_reproduces_block(job: BlockJob, ffn: FeedForward, tolerance: float = 1e-3) -> bool:
+    """Run the first calibration batch through the block and check that ``ffn`` computes what
+    the block's FFN does (relative error below ``tolerance``)."""
+    up, down = job.layers.get(ffn.up), job.layers.get(ffn.down)
+    if up is None or down is None:
+        return True  # --skip keeps the FFN out of the joint solve anyway
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, value: torch.Tensor) -> None:  # a hook's return value would replace
+        if key not in seen:  # the module's output: return nothing. Copies: some blocks
+            seen[key] = value.detach().clone()  # (Falcon) add into the FFN output in place.
+
+    handles = [
+        up.register_forward_hook(lambda m, i, o: keep("x", i[0])),
+        down.register_forward_hook(lambda m, i, o: keep("y", o)),
+    ]
+    try:
+        hidden, args, kwargs = next(job.inputs.batches())
+        job.block(hidden, *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "x" not in seen or "y" not in seen:
+        return False
+    x = seen["x"].reshape(-1, seen["x"].shape[-1])
+    y = seen["y"].reshape(-1, seen["y"].shape[-1]).float()
+    error = (ffn_forward(x, job.layers, ffn) - y).norm() / y.norm().clamp_min(1e-30)
+    # Ranks must agree on the path they take, or their collectives would not pair up.
+    failures = torch.tensor([0.0 if error <= tolerance else 1.0], device=y.device)
+    return float(all_reduce_sum_(failures)) == 0.0
+
+
 def sparsellm_pruner(
     epochs: int = 1,
     alpha: float | None = None,
@@ -70,6 +104,12 @@ def sparsellm_pruner(
 
     def prune_block(job: BlockJob) -> list[torch.Tensor] | None:
         ffn = job.adapter.feed_forward(job.block)
+        if ffn is not None and ffn.inferred and not _wiring_reproduces_block(job, ffn):
+            job.report.notes.append(
+                f"{job.adapter.block_name(job.index)}: the inferred feed-forward wiring does not "
+                "reproduce the block's FFN output; pruned with SparseGPT"
+            )
+            ffn = None
         if ffn is None:
             if job.index == 0:
                 job.report.notes.append(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from conftest import VOCAB
+from test_sparsellm_engine import block_output, relative_error
 
 from sparsellm import prune_model
 from sparsellm.evaluation import windows_perplexity
@@ -85,9 +87,11 @@ def test_generic_models_prune_every_block_linear_exactly(kind, calibration_ids):
     assert streamed == pytest.approx(pruned, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gpt_neox", "phi3"])
-def test_sparsellm_on_a_generic_model_is_sparsegpt_and_says_so(kind, calibration_ids):
-    models = [generic_model(kind), generic_model(kind)]
+PLAIN_MLP_KINDS = ("gpt_neox", "phi", "falcon", "gptj", "bloom")
+
+
+def test_sparsellm_where_the_ffn_is_not_recognised_is_sparsegpt_and_says_so(calibration_ids):
+    models = [generic_model("phi3"), generic_model("phi3")]  # fused gate_up_proj
     reports = [
         prune_model(m, method=method, sparsity=0.6, calibration=calibration_ids, progress=False)
         for m, method in zip(models, ("sparsellm", "sparsegpt"), strict=True)
@@ -97,3 +101,42 @@ def test_sparsellm_on_a_generic_model_is_sparsegpt_and_says_so(kind, calibration
         models[0].named_parameters(), models[1].named_parameters(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kind", PLAIN_MLP_KINDS)
+def test_recognised_plain_mlps_get_the_joint_solve(kind, calibration_ids):
+    dense = generic_model(kind)
+    ffn = get_adapter(dense).feed_forward(get_adapter(dense).blocks()[0])
+    assert ffn is not None and ffn.inferred and ffn.gate is None
+    reference = block_output(dense, calibration_ids, 0)
+    errors, notes = {}, {}
+    for method in ("sparsegpt", "sparsellm"):
+        model = copy.deepcopy(dense)
+        report = prune_model(
+            model, method=method, sparsity=0.7, calibration=calibration_ids, progress=False
+        )
+        errors[method] = relative_error(block_output(model, calibration_ids, 0), reference)
+        notes[method] = report.notes
+    assert not any("SparseGPT" in note for note in notes["sparsellm"])  # no fallback
+    assert errors["sparsellm"] < 0.9 * errors["sparsegpt"], errors
+
+
+@pytest.mark.parametrize("kind", PLAIN_MLP_KINDS)
+def test_recognised_mlps_hand_on_what_the_pruned_block_computes(kind, calibration_ids):
+    model = generic_model(kind)
+    block1 = get_adapter(model).blocks()[1]
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handle = block1.register_forward_pre_hook(record, with_kwargs=True)
+    prune_model(
+        model, method="sparsellm", sparsity=0.7, calibration=calibration_ids, progress=False
+    )
+    used_by_engine = seen[0]
+    seen.clear()
+    with torch.no_grad():
+        model(input_ids=calibration_ids, use_cache=False)
+    handle.remove()
+    torch.testing.assert_close(used_by_engine, seen[0], rtol=1e-4, atol=1e-5)

@@ -14,9 +14,11 @@ from sparsellm.models import get_adapter, linear_weight
 def block_output(model, windows, index):
     captured = {}
     block = get_adapter(model).blocks()[index]
-    handle = block.register_forward_hook(
-        lambda m, i, o: captured.setdefault("out", o[0] if isinstance(o, tuple) else o)
-    )
+
+    def keep(module, inputs, output):  # returns None: a returned value would replace output
+        captured.setdefault("out", output[0] if isinstance(output, tuple) else output)
+
+    handle = block.register_forward_hook(keep)
     with torch.no_grad():
         model(input_ids=windows, use_cache=False)
     handle.remove()

@@ -33,6 +33,9 @@ class FeedForward:
     down: str
     gate: str | None
     activation: Callable[[torch.Tensor], torch.Tensor]
+    # Wiring inferred from names alone: the pruner checks it against the block's real FFN
+    # output before relying on it.
+    inferred: bool = False
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

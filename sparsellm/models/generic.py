@@ -3,16 +3,26 @@
 Found without naming anything: the blocks are the ``nn.ModuleList`` :func:`decoder_layers`
 finds, the prunable layers are each block's own ``nn.Linear`` / ``Conv1D`` modules (fused
 ``query_key_value`` or ``gate_up_proj`` layers included: a layer-wise solver only needs a
-layer's inputs). The feed-forward wiring is not known, so SparseLLM's joint FFN solve does not
-apply and those blocks are pruned with SparseGPT (the report notes it). GPT-NeoX, Falcon, Phi,
-Phi-3, GPT-J and BLOOM load this way.
+layer's inputs). SparseLLM's joint FFN solve also needs the feed-forward wiring: plain
+two-layer MLPs are recognised by the names transformers gives them (GPT-NeoX, Falcon, BLOOM,
+Phi, GPT-J), and the pruner checks that wiring numerically against the block's own FFN output
+before using it. Anything else (fused ``gate_up_proj`` as in Phi-3, MoE experts) is pruned with
+SparseGPT in those blocks, and the report notes it.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from sparsellm.models.base import Adapter, decoder_layers, is_linear
+from sparsellm.models.base import Adapter, FeedForward, decoder_layers, get_submodule, is_linear
+
+# (up, down, activation attributes) of plain two-layer MLPs under ``mlp``, as transformers
+# names them.
+_PLAIN_MLPS = (
+    ("dense_h_to_4h", "dense_4h_to_h", ("act", "gelu_impl")),  # GPT-NeoX, Falcon, BLOOM
+    ("fc1", "fc2", ("activation_fn",)),  # Phi
+    ("fc_in", "fc_out", ("act",)),  # GPT-J
+)
 
 
 class GenericAdapter(Adapter):
@@ -34,3 +44,23 @@ class GenericAdapter(Adapter):
 
     def prunable(self, block: nn.Module) -> dict[str, nn.Module]:
         return {name: m for name, m in block.named_modules() if is_linear(m)}
+
+    def feed_forward(self, block: nn.Module) -> FeedForward | None:
+        mlp = get_submodule(block, "mlp")
+        if mlp is None:
+            return None
+        for up, down, activations in _PLAIN_MLPS:
+            layers = [get_submodule(mlp, up), get_submodule(mlp, down)]
+            act = next(
+                (getattr(mlp, a) for a in activations if callable(getattr(mlp, a, None))), None
+            )
+            if act is not None and all(m is not None and is_linear(m) for m in layers):
+                return FeedForward(
+                    module="mlp",
+                    up=f"mlp.{up}",
+                    down=f"mlp.{down}",
+                    gate=None,
+                    activation=act,
+                    inferred=True,
+                )
+        return None
