@@ -130,6 +130,7 @@ def sparsellm_pruner(
 
         up, down = job.layers[ffn.up], job.layers[ffn.down]
         gate = job.layers[ffn.gate] if ffn.gate else None
+        gated = gate is not None or ffn.fused_gate_up
         X, ffn_out, block_out = _capture_ffn(job, up, down)
         dense = torch.cat([o.reshape(-1, o.shape[-1]) for o in dense_out])
         residual = job.adapter.ffn_sees_residual()
@@ -147,16 +148,23 @@ def sparsellm_pruner(
             name: linear_weight(job.layers[name]).detach().to(torch.float32, copy=True)
             for name in ffn_names
         }
+        up_weight, up_bias = originals[ffn.up], _bias(up)
+        gate_weight = originals[ffn.gate] if gate is not None else None
+        gate_bias = _bias(gate) if gate is not None else None
+        if ffn.fused_gate_up:  # rows [gate; up] of one layer: solved as two matrices
+            gate_weight, up_weight = up_weight.chunk(2)
+            if up_bias is not None:
+                gate_bias, up_bias = up_bias.chunk(2)
         result = sparsellm_ffn(
             X,
             target,
-            originals[ffn.up],
-            _bias(up),
+            up_weight,
+            up_bias,
             originals[ffn.down],
             _bias(down),
             job.target,
-            gate=originals[ffn.gate] if gate is not None else None,
-            gate_bias=_bias(gate) if gate is not None else None,
+            gate=gate_weight if gated else None,
+            gate_bias=gate_bias if gated else None,
             activation=ffn.activation,
             epochs=epochs,
             alpha=alpha,
@@ -175,6 +183,8 @@ def sparsellm_pruner(
         new = {ffn.up: result.up, ffn.down: result.down}
         if gate is not None:
             new[ffn.gate] = result.gate
+        if ffn.fused_gate_up:
+            new[ffn.up] = torch.cat([result.gate, result.up])
         for name in ffn_names:
             # Every rank solved the same problem; rank 0's answer keeps them bit-identical.
             new[name] = broadcast_(new[name].contiguous())
@@ -235,7 +245,10 @@ def ffn_forward(
     parts = []
     for start in range(0, X.shape[0], chunk):
         x = X[start : start + chunk].float()
-        if ffn.gate:
+        if ffn.fused_gate_up:
+            gate, up = affine(x, ffn.up).chunk(2, dim=-1)
+            hidden = ffn.activation(gate) * up
+        elif ffn.gate:
             hidden = ffn.activation(affine(x, ffn.gate)) * affine(x, ffn.up)
         else:
             hidden = ffn.activation(affine(x, ffn.up))

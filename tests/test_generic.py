@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -87,27 +88,53 @@ def test_generic_models_prune_every_block_linear_exactly(kind, calibration_ids):
     assert streamed == pytest.approx(pruned, rel=1e-5)
 
 
-PLAIN_MLP_KINDS = ("gpt_neox", "phi", "falcon", "gptj", "bloom")
+JOINT_KINDS = ("gpt_neox", "phi", "phi3", "falcon", "gptj", "bloom")
 
 
-def test_sparsellm_where_the_ffn_is_not_recognised_is_sparsegpt_and_says_so(calibration_ids):
-    models = [generic_model("phi3"), generic_model("phi3")]  # fused gate_up_proj
+def pruned_pair(kind, calibration_ids, sparsity=0.6):
+    models = [generic_model(kind), generic_model(kind)]
     reports = [
-        prune_model(m, method=method, sparsity=0.6, calibration=calibration_ids, progress=False)
+        prune_model(
+            m, method=method, sparsity=sparsity, calibration=calibration_ids, progress=False
+        )
         for m, method in zip(models, ("sparsellm", "sparsegpt"), strict=True)
     ]
-    assert any("SparseGPT" in note for note in reports[0].notes)
-    for (name, a), (_, b) in zip(
-        models[0].named_parameters(), models[1].named_parameters(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    return models, reports
 
 
-@pytest.mark.parametrize("kind", PLAIN_MLP_KINDS)
-def test_recognised_plain_mlps_get_the_joint_solve(kind, calibration_ids):
+def assert_same_weights(a, b):
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_sparsellm_where_the_ffn_is_unknown_is_sparsegpt_and_says_so(monkeypatch, calibration_ids):
+    from sparsellm.models import GenericAdapter
+
+    monkeypatch.setattr(GenericAdapter, "feed_forward", lambda self, block: None)
+    models, reports = pruned_pair("gpt_neox", calibration_ids)
+    assert any("wiring unknown" in note for note in reports[0].notes)
+    assert_same_weights(*models)
+
+
+def test_a_wrongly_inferred_wiring_is_caught_before_use(monkeypatch, calibration_ids):
+    from sparsellm.models import GenericAdapter
+
+    real = GenericAdapter.feed_forward
+
+    def wrong_activation(self, block):
+        return dataclasses.replace(real(self, block), activation=torch.relu)  # model uses GELU
+
+    monkeypatch.setattr(GenericAdapter, "feed_forward", wrong_activation)
+    models, reports = pruned_pair("gpt_neox", calibration_ids)
+    assert sum("does not reproduce" in note for note in reports[0].notes) == 2  # both blocks
+    assert_same_weights(*models)
+
+
+@pytest.mark.parametrize("kind", JOINT_KINDS)
+def test_recognised_mlps_get_the_joint_solve(kind, calibration_ids):
     dense = generic_model(kind)
     ffn = get_adapter(dense).feed_forward(get_adapter(dense).blocks()[0])
-    assert ffn is not None and ffn.inferred and ffn.gate is None
+    assert ffn is not None and ffn.inferred and ffn.fused_gate_up == (kind == "phi3")
     reference = block_output(dense, calibration_ids, 0)
     errors, notes = {}, {}
     for method in ("sparsegpt", "sparsellm"):
@@ -117,11 +144,16 @@ def test_recognised_plain_mlps_get_the_joint_solve(kind, calibration_ids):
         )
         errors[method] = relative_error(block_output(model, calibration_ids, 0), reference)
         notes[method] = report.notes
+        for block in get_adapter(model).blocks():
+            for name, module in get_adapter(model).prunable(block).items():
+                zeros = int((linear_weight(module) == 0).sum())
+                # a fused [gate; up] layer is two exact halves: within one of the whole's count
+                assert abs(zeros - round(0.7 * linear_weight(module).numel())) <= 1, name
     assert not any("SparseGPT" in note for note in notes["sparsellm"])  # no fallback
     assert errors["sparsellm"] < 0.9 * errors["sparsegpt"], errors
 
 
-@pytest.mark.parametrize("kind", PLAIN_MLP_KINDS)
+@pytest.mark.parametrize("kind", JOINT_KINDS)
 def test_recognised_mlps_hand_on_what_the_pruned_block_computes(kind, calibration_ids):
     model = generic_model(kind)
     block1 = get_adapter(model).blocks()[1]

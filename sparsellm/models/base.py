@@ -25,7 +25,8 @@ class FeedForward:
     """Names (relative to a block) of the feed-forward layers and its activation.
 
     The FFN computes ``down(act(gate(x)) * up(x))`` when ``gate`` is set, else
-    ``down(act(up(x)))``.
+    ``down(act(up(x)))``. With ``fused_gate_up`` the layer named ``up`` computes both at once,
+    gate rows first (``gate, up = layer(x).chunk(2, dim=-1)``, as Phi-3 does).
     """
 
     module: str  # the sub-module taking the normalised hidden state, e.g. "mlp"
@@ -36,6 +37,7 @@ class FeedForward:
     # Wiring inferred from names alone: the pruner checks it against the block's real FFN
     # output before relying on it.
     inferred: bool = False
+    fused_gate_up: bool = False
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -5,9 +5,9 @@ finds, the prunable layers are each block's own ``nn.Linear`` / ``Conv1D`` modul
 ``query_key_value`` or ``gate_up_proj`` layers included: a layer-wise solver only needs a
 layer's inputs). SparseLLM's joint FFN solve also needs the feed-forward wiring: plain
 two-layer MLPs are recognised by the names transformers gives them (GPT-NeoX, Falcon, BLOOM,
-Phi, GPT-J), and the pruner checks that wiring numerically against the block's own FFN output
-before using it. Anything else (fused ``gate_up_proj`` as in Phi-3, MoE experts) is pruned with
-SparseGPT in those blocks, and the report notes it.
+Phi, GPT-J), and so is Phi-3's gated MLP with a fused ``gate_up_proj``; the pruner checks that
+wiring numerically against the block's own FFN output before using it. Anything else (MoE
+experts, unknown names) is pruned with SparseGPT in those blocks, and the report notes it.
 """
 
 from __future__ import annotations
@@ -63,4 +63,16 @@ class GenericAdapter(Adapter):
                     activation=act,
                     inferred=True,
                 )
+        layers = [get_submodule(mlp, "gate_up_proj"), get_submodule(mlp, "down_proj")]
+        act = getattr(mlp, "activation_fn", None)
+        if callable(act) and all(m is not None and is_linear(m) for m in layers):
+            return FeedForward(  # Phi-3 style: one Linear computes [gate; up]
+                module="mlp",
+                up="mlp.gate_up_proj",
+                down="mlp.down_proj",
+                gate=None,
+                activation=act,
+                inferred=True,
+                fused_gate_up=True,
+            )
         return None
