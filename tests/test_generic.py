@@ -9,7 +9,11 @@ import math
 import pytest
 import torch
 from conftest import VOCAB
-from test_sparsellm_engine import block_output, relative_error
+from test_sparsellm_engine import (
+    assert_handed_on_states_are_a_forward,
+    block_output,
+    relative_error,
+)
 
 from sparsellm import prune_model
 from sparsellm.evaluation import windows_perplexity
@@ -155,20 +159,4 @@ def test_recognised_mlps_get_the_joint_solve(kind, calibration_ids):
 
 @pytest.mark.parametrize("kind", JOINT_KINDS)
 def test_recognised_mlps_hand_on_what_the_pruned_block_computes(kind, calibration_ids):
-    model = generic_model(kind)
-    block1 = get_adapter(model).blocks()[1]
-    seen = []
-
-    def record(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    handle = block1.register_forward_pre_hook(record, with_kwargs=True)
-    prune_model(
-        model, method="sparsellm", sparsity=0.7, calibration=calibration_ids, progress=False
-    )
-    used_by_engine = seen[0]
-    seen.clear()
-    with torch.no_grad():
-        model(input_ids=calibration_ids, use_cache=False)
-    handle.remove()
-    torch.testing.assert_close(used_by_engine, seen[0], rtol=1e-4, atol=1e-5)
+    assert_handed_on_states_are_a_forward(generic_model(kind), calibration_ids)

@@ -103,11 +103,9 @@ def test_skipping_an_ffn_layer_falls_back_to_local_pruning(calibration_ids):
     assert len(report.layers) == 2 * 6
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "opt350", "gpt2"])
-def test_propagated_outputs_equal_a_forward_of_the_pruned_block(family, calibration_ids):
-    """The pruner hands the next block `h + FFN(X)` instead of re-running the block: it must be
-    what the pruned block computes."""
-    model = tiny_model(family)
+def assert_handed_on_states_are_a_forward(model, calibration_ids):
+    """What the engine hands block 1 after SparseLLM pruned block 0 (``h + FFN(X)``, not a
+    re-run of the block) must be what the pruned block computes."""
     block1 = get_adapter(model).blocks()[1]
     seen = []
 
@@ -124,3 +122,8 @@ def test_propagated_outputs_equal_a_forward_of_the_pruned_block(family, calibrat
         model(input_ids=calibration_ids, use_cache=False)
     handle.remove()
     torch.testing.assert_close(used_by_engine, seen[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "opt350", "gpt2"])
+def test_propagated_outputs_equal_a_forward_of_the_pruned_block(family, calibration_ids):
+    assert_handed_on_states_are_a_forward(tiny_model(family), calibration_ids)
