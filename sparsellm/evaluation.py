@@ -9,6 +9,7 @@ logit scaling) then runs with the blocks replaced by stand-ins that hand on the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 
@@ -83,15 +84,17 @@ def windows_nll(
             if streamed
             else _whole_model_logits(model, windows, batch_size, device, progress)
         )
-        for ids, logits in logits_batches:
-            labels = ids[:, 1:]
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels.reshape(-1),
-                reduction="sum",
-            )
-            total += nll.double().cpu()
-            count += labels.numel()
+        # closing(): on an error mid-way the streamed path must put the real blocks back now
+        with contextlib.closing(logits_batches):
+            for ids, logits in logits_batches:
+                labels = ids[:, 1:]
+                nll = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    labels.reshape(-1),
+                    reduction="sum",
+                )
+                total += nll.double().cpu()
+                count += labels.numel()
     finally:
         model.train(was_training)
     if across_ranks and world()[1] > 1:

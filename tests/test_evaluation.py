@@ -72,3 +72,18 @@ def test_auto_mode_streams_exactly_when_the_model_is_not_on_the_device(monkeypat
     windows_perplexity(model, random_windows(2), batch_size=2, progress=False)
     assert used == (["_whole_model_logits"] if resident else ["_streamed_logits"])
     assert on_device(model, torch.device("cpu"))  # streaming never moves the model
+
+
+def test_an_error_mid_stream_puts_the_real_blocks_back(monkeypatch):
+    import sparsellm.evaluation as evaluation
+
+    model = tiny_model("llama")
+    blocks = get_adapter(model).blocks()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(evaluation.F, "cross_entropy", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        windows_nll(model, random_windows(2), batch_size=2, progress=False, streamed=True)
+    assert get_adapter(model).blocks() is blocks
