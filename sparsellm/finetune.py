@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsellm.evaluation import windows_perplexity
-from sparsellm.optim import SparseOptimizer, sparsifiable_parameters
+from sparsellm.optim import SparseOptimizer, sparsifiable_parameters, zero_fraction
 
 __all__ = ["MIXED_PRECISION", "FinetuneReport", "finetune", "lr_factor", "resolve_mixed_precision"]
 
@@ -195,8 +195,7 @@ def finetune(
     if target_sparsity is None:
         optimizer = SparseOptimizer(base, params_to_sparsify=selected, model=model, keep_mask=True)
     else:
-        zeros = sum(int((p.detach() == 0).sum()) for _, p in selected)
-        start_sparsity = zeros / max(1, sum(p.numel() for _, p in selected))
+        start_sparsity = zero_fraction(p for _, p in selected)
         optimizer = SparseOptimizer(
             base,
             params_to_sparsify=selected,

@@ -15,6 +15,8 @@ Per block (three forward passes, one more than SparseGPT):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,8 +40,11 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return bias.detach() if bias is not None else None
 
 
-def _capture_ffn(job: BlockJob, up: nn.Module, down: nn.Module) -> tuple[torch.Tensor, ...]:
-    """FFN inputs, FFN outputs and block outputs over all calibration batches, as [N, d]."""
+def _capture_ffn(
+    job: BlockJob, up: nn.Module, down: nn.Module, batches: int | None = None
+) -> tuple[torch.Tensor | None, ...]:
+    """FFN inputs, FFN outputs and block outputs over the calibration batches (the first
+    ``batches`` of them if given), as [N, d]; ``None`` for what no hook saw."""
     inputs, outputs = [], []
     handles = [
         up.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach())),
@@ -48,13 +53,16 @@ def _capture_ffn(job: BlockJob, up: nn.Module, down: nn.Module) -> tuple[torch.T
     ]
     try:
         with torch.no_grad():
-            blocks = [block_output(job.block(h, *a, **k)) for h, a, k in job.inputs.batches()]
+            blocks = [
+                block_output(job.block(h, *a, **k))
+                for h, a, k in itertools.islice(job.inputs.batches(), batches)
+            ]
     finally:
         for handle in handles:
             handle.remove()
 
-    def flat(parts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+    def flat(parts: list[torch.Tensor]) -> torch.Tensor | None:
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts]) if parts else None
 
     return flat(inputs), flat(outputs), flat(blocks)
 
@@ -66,29 +74,13 @@ def _wiring_reproduces_block(job: BlockJob, ffn: FeedForward, tolerance: float =
     up, down = job.layers.get(ffn.up), job.layers.get(ffn.down)
     if up is None or down is None:
         return True  # --skip keeps the FFN out of the joint solve anyway
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(key: str, value: torch.Tensor) -> None:  # a hook's return value would replace
-        if key not in seen:  # the module's output: return nothing. Copies: some blocks
-            seen[key] = value.detach().clone()  # (Falcon) add into the FFN output in place.
-
-    handles = [
-        up.register_forward_hook(lambda m, i, o: keep("x", i[0])),
-        down.register_forward_hook(lambda m, i, o: keep("y", o)),
-    ]
-    try:
-        hidden, args, kwargs = next(job.inputs.batches())
-        job.block(hidden, *args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if "x" not in seen or "y" not in seen:
-        return False
-    x = seen["x"].reshape(-1, seen["x"].shape[-1])
-    y = seen["y"].reshape(-1, seen["y"].shape[-1]).float()
-    error = (ffn_forward(x, job.layers, ffn) - y).norm() / y.norm().clamp_min(1e-30)
+    x, y, _ = _capture_ffn(job, up, down, batches=1)
+    failed = x is None or y is None
+    if not failed:
+        error = (ffn_forward(x, job.layers, ffn) - y.float()).norm() / y.float().norm()
+        failed = not bool(error <= tolerance)
     # Ranks must agree on the path they take, or their collectives would not pair up.
-    failures = torch.tensor([0.0 if error <= tolerance else 1.0], device=y.device)
+    failures = torch.tensor([float(failed)], device=job.options.device)
     return float(all_reduce_sum_(failures)) == 0.0
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from sparsellm.masks import prune_counts, smallest_mask
 from sparsellm.models.base import decoder_layers, is_linear
 
-__all__ = ["SparseOptimizer", "decoder_layers", "sparsifiable_parameters"]
+__all__ = ["SparseOptimizer", "decoder_layers", "sparsifiable_parameters", "zero_fraction"]
 
 _STATE_KEY = "sparse_optimizer"
 
@@ -50,6 +50,15 @@ def sparsifiable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """
     wanted = {id(m.weight) for m in decoder_layers(model).modules() if is_linear(m)}
     return [(name, p) for name, p in model.named_parameters() if id(p) in wanted]
+
+
+def zero_fraction(tensors: Iterable[torch.Tensor]) -> float:
+    """Fraction of exact zeros over all entries of ``tensors`` (0 for none)."""
+    zeros = total = 0
+    for t in tensors:
+        zeros += int((t.detach() == 0).sum())
+        total += t.numel()
+    return zeros / total if total else 0.0
 
 
 def _schedule_value(kind: str, s0: float, sf: float, t: int, total: int) -> float:
@@ -317,9 +326,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     # --- reporting ------------------------------------------------------------------------
     def sparsity(self) -> float:
         """Fraction of exact zeros over all selected parameters."""
-        zeros = sum(int((p.detach() == 0).sum()) for _, p in self.sparsified_parameters)
-        total = sum(p.numel() for _, p in self.sparsified_parameters)
-        return zeros / total if total else 0.0
+        return zero_fraction(p for _, p in self.sparsified_parameters)
 
     def scheduled_sparsity(self, step: int | None = None) -> float | None:
         """The schedule's ``s_t`` after ``step`` steps (default: steps taken so far); ``None``
