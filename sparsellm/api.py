@@ -13,7 +13,7 @@ from sparsellm.data import calibration_windows, evaluation_windows
 from sparsellm.distributed import shard, world
 from sparsellm.engine import EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
-from sparsellm.methods import block_pruner, needs_calibration
+from sparsellm.methods import block_pruner, fallback_pruner, needs_calibration
 from sparsellm.models import get_adapter
 from sparsellm.report import PruneReport
 
@@ -51,7 +51,7 @@ def prune_model(
         progress: show tqdm progress bars.
         **options: any other :class:`~sparsellm.config.PruneConfig` field (``nsamples``,
             ``seqlen``, ``seed``, ``device``, ``dampening``, ``blocksize``, ``batch_size``,
-            ``skip``; for ``sparsellm``: ``epochs``, ``alpha``, ``beta``, ``gamma``).
+            ``skip``, ``guard``; for ``sparsellm``: ``epochs``, ``alpha``, ``beta``, ``gamma``).
     """
     known = {f.name for f in fields(PruneConfig)} - {"model", "output", "overwrite", "eval"}
     unknown = set(options) - known
@@ -97,6 +97,7 @@ def prune_model(
         blocksize=config.blocksize,
         skip=config.skip,
         progress=progress,
+        guard=config.guard,
     )
     started = time.perf_counter()
     method_options = (
@@ -105,8 +106,12 @@ def prune_model(
         else {}
     )
     pruner = block_pruner(method, method_options)
-    prune_blocks(model, adapter, windows, pruner, target, engine_options, report)
+    fallback = fallback_pruner(method)
+    prune_blocks(model, adapter, windows, pruner, target, engine_options, report, fallback)
     report.timings["prune"] = time.perf_counter() - started
+    paths = report.paths_note()
+    if paths:
+        report.notes.insert(0, paths)
     retried = [layer.name for layer in report.layers if layer.damping_retries]
     if retried:
         report.notes.append(

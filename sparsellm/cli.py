@@ -58,6 +58,14 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", default=None, help="replace a non-empty output"
     )
+    p.add_argument(
+        "--no-guard",
+        dest="guard",
+        action="store_false",
+        default=None,
+        help="keep going when a block's output error exceeds 1 (default: re-do it with "
+        "SparseGPT, stop if still above 1)",
+    )
     p.add_argument("--epochs", type=int, help="sparsellm: alternation epochs (default 1)")
     p.add_argument("--alpha", type=float, help="sparsellm: penalty α (default: automatic)")
     p.add_argument("--beta", type=float, help="sparsellm: penalty β (default: automatic)")

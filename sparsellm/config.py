@@ -44,6 +44,7 @@ class PruneConfig:
     batch_size: int = 32
     skip: str | None = None
     overwrite: bool = False
+    guard: bool = True  # re-do a diverging block with SparseGPT, stop if still worse than zeros
     # SparseLLM: alternation epochs and penalties (None = scaled automatically from the data)
     epochs: int = 1
     alpha: float | None = None
@@ -179,6 +180,8 @@ def validate_prune(config: PruneConfig, require_io: bool = True) -> SparsityTarg
         _positive_int(name, getattr(config, name))
     if not isinstance(config.epochs, int) or isinstance(config.epochs, bool) or config.epochs < 0:
         raise ConfigError(f"epochs must be a non-negative integer, got {config.epochs!r}")
+    if not isinstance(config.guard, bool):
+        raise ConfigError(f"guard must be true or false, got {config.guard!r}")
     for name in ("alpha", "beta", "gamma"):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int | float) or not value > 0):

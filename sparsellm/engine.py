@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from sparsellm.distributed import broadcast_
 from sparsellm.masks import SparsityTarget
-from sparsellm.models import Adapter, linear_weight, set_linear_weight
-from sparsellm.report import LayerReport, PruneReport
+from sparsellm.models import Adapter, UnsupportedModelError, linear_weight, set_linear_weight
+from sparsellm.report import BlockResult, LayerReport, PruneReport
 from sparsellm.solvers import (
     LayerStatistics,
     NumericalError,
@@ -33,6 +33,8 @@ from sparsellm.solvers import (
     relative_output_error,
 )
 from sparsellm.statistics import StatisticsCollector, StopForward
+
+CHAIN_CHECK_TOKENS = 16  # tokens of the dense forward that checks blocks form a chain
 
 
 class _Captured(Exception):
@@ -61,6 +63,7 @@ class EngineOptions:
     blocksize: int = 128
     skip: str | None = None  # regex on full layer names: matching layers stay dense
     progress: bool = True
+    guard: bool = True  # re-do or stop on a diverging block (see sparsellm.guard)
 
 
 @dataclass
@@ -74,7 +77,6 @@ class BlockJob:
     adapter: Adapter
     target: SparsityTarget
     options: EngineOptions
-    report: PruneReport
 
     def full_name(self, relative: str) -> str:
         return f"{self.adapter.block_name(self.index)}.{relative}"
@@ -91,9 +93,8 @@ class BlockJob:
         return outputs
 
 
-# A block pruner may return the block's outputs with its pruned weights (one tensor per
-# calibration batch) when it can form them cheaper than a forward pass; None means "run it".
-BlockPruner = Callable[[BlockJob], list[torch.Tensor] | None]
+# A block pruner rewrites the weights of ``job.layers`` and says what it did.
+BlockPruner = Callable[[BlockJob], BlockResult]
 
 
 def block_output(out: object) -> torch.Tensor:
@@ -182,16 +183,24 @@ def prune_blocks(
     target: SparsityTarget,
     options: EngineOptions,
     report: PruneReport,
+    fallback: BlockPruner | None = None,
 ) -> None:
-    """Prune every decoder block in order with ``prune_block``.
+    """Prune every decoder block in order with ``prune_block``, guarded by ``fallback``.
 
     ``windows`` [n, seqlen] are calibration token ids; ``None`` for data-free methods, which
-    then skip all forward passes.
+    then skip all forward passes (and the divergence guard, which needs outputs).
     """
+    from sparsellm.guard import prune_guarded
+    from sparsellm.layout import check_block_chain
+
     skip = re.compile(options.skip) if options.skip else None
-    inputs = capture_block_inputs(model, adapter, windows, options) if windows is not None else None
+    inputs = None
+    if windows is not None:
+        check_block_chain(model, adapter.blocks(), windows[:1, :CHAIN_CHECK_TOKENS])
+        inputs = capture_block_inputs(model, adapter, windows, options)
     blocks = adapter.blocks()
     bar = tqdm(blocks, desc=f"pruning {str(target)}", unit="block", disable=not options.progress)
+    previous_error = None
     for index, block in enumerate(bar):
         home = next(block.parameters()).device
         block.to(options.device)
@@ -200,16 +209,16 @@ def prune_blocks(
             for name, module in adapter.prunable(block).items()
             if not (skip and skip.search(f"{adapter.block_name(index)}.{name}"))
         }
-        job = BlockJob(index, block, layers, inputs, adapter, target, options, report)
-        outputs = prune_block(job) if layers else None
+        job = BlockJob(index, block, layers, inputs, adapter, target, options)
+        result = prune_guarded(job, prune_block, fallback, previous_error)
+        report.add_block(index, result)
+        previous_error = result.output_error or previous_error
         if inputs is not None and index + 1 < len(blocks):
-            if outputs is None:
-                with torch.no_grad():
-                    outputs = job.forward()
-            inputs.hidden = outputs
+            inputs.hidden = result.outputs if result.outputs is not None else job.forward()
+        result.outputs = result.dense_outputs = None
         block.to(home)
         if options.progress:
-            bar.set_postfix(report.block_postfix(index))
+            bar.set_postfix(report.block_postfix())
 
 
 def write_solution(
@@ -219,8 +228,8 @@ def write_solution(
     result_weight: torch.Tensor,
     stats: LayerStatistics | None,
     **figures: object,
-) -> None:
-    """Check a solver's weight, write it into layer ``name`` and record it in the report."""
+) -> LayerReport:
+    """Check a solver's weight, write it into layer ``name``; its row for the report."""
     module = job.layers[name]
     full = job.full_name(name)
     if not torch.isfinite(result_weight).all():
@@ -232,17 +241,15 @@ def write_solution(
         if stats is not None and stats.hessian is not None
         else None
     )
-    job.report.layers.append(
-        LayerReport(
-            name=full,
-            block=job.index,
-            shape=list(written.shape),
-            sparsity=float((written == 0).float().mean()),
-            zeros=int((written == 0).sum()),
-            numel=written.numel(),
-            relative_error=error,
-            **figures,
-        )
+    return LayerReport(
+        name=full,
+        block=job.index,
+        shape=list(written.shape),
+        sparsity=float((written == 0).float().mean()),
+        zeros=int((written == 0).sum()),
+        numel=written.numel(),
+        relative_error=error,
+        **figures,
     )
 
 
@@ -266,7 +273,15 @@ def collect_statistics(
                 continue
             if keep_outputs:
                 outputs.append(block_output(out))
-    return collector.results(), outputs
+    stats = collector.results()
+    unseen = [name for name in layers if name not in stats]
+    if unseen:
+        raise UnsupportedModelError(
+            f"unsupported layout: {job.full_name(unseen[0])} is never called as a module in a "
+            "forward pass (its weight is used directly), so its inputs cannot be observed; "
+            f"leave it dense with --skip '{re.escape(unseen[0])}$'"
+        )
+    return stats, outputs
 
 
 def solve_layers(
@@ -274,8 +289,9 @@ def solve_layers(
     layers: dict[str, nn.Module],
     stats: dict[str, LayerStatistics],
     solver: SolverSpec,
-) -> None:
+) -> list[LayerReport]:
     """Prune each of ``layers`` on its own statistics with ``solver`` and write it back."""
+    rows = []
     for name, module in layers.items():
         original = linear_weight(module).detach().to(torch.float32, copy=True)
         result = solver.solve(
@@ -287,24 +303,31 @@ def solve_layers(
         )
         # Ranks solved the same problem; rank 0's answer makes their models bit-identical.
         weight = broadcast_(result.weight.contiguous())
-        write_solution(
-            job,
-            name,
-            original,
-            weight,
-            stats.get(name),
-            damping=result.damping,
-            damping_retries=result.damping_retries,
+        rows.append(
+            write_solution(
+                job,
+                name,
+                original,
+                weight,
+                stats.get(name),
+                damping=result.damping,
+                damping_retries=result.damping_retries,
+            )
         )
+    return rows
 
 
 def layerwise_pruner(solver: SolverSpec) -> BlockPruner:
     """A block pruner that solves each Linear on its own inputs (magnitude, Wanda, SparseGPT)."""
 
-    def prune_block(job: BlockJob) -> None:
+    def prune_block(job: BlockJob) -> BlockResult:
         stats: dict[str, LayerStatistics] = {}
+        dense = None
         if solver.statistic is not Statistic.NONE:
-            stats, _ = collect_statistics(job, job.layers, solver.statistic)
-        solve_layers(job, job.layers, stats, solver)
+            # The dense outputs cost the pass its early stop, and buy the divergence guard.
+            keep = job.options.guard
+            stats, dense = collect_statistics(job, job.layers, solver.statistic, keep_outputs=keep)
+        rows = solve_layers(job, job.layers, stats, solver)
+        return BlockResult(layers=rows, dense_outputs=dense or None)
 
     return prune_block

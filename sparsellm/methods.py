@@ -14,6 +14,12 @@ def needs_calibration(method: str) -> bool:
     return method in GLOBAL_METHODS or get_solver(method).statistic is not Statistic.NONE
 
 
+def fallback_pruner(method: str) -> BlockPruner | None:
+    """What the divergence guard re-does a diverging block with: SparseGPT, unless that is
+    the method already."""
+    return None if method == "sparsegpt" else layerwise_pruner(get_solver("sparsegpt"))
+
+
 def block_pruner(method: str, options: dict) -> BlockPruner:
     """The block pruner for ``method``; ``options`` are the method's own settings."""
     if method == "sparsellm":

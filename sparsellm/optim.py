@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from sparsellm.masks import prune_counts, smallest_mask
-from sparsellm.models.base import decoder_layers, is_linear
+from sparsellm.models.base import decoder_layers
+from sparsellm.models.linear import is_linear
 
 __all__ = ["SparseOptimizer", "decoder_layers", "sparsifiable_parameters", "zero_fraction"]
 

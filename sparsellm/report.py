@@ -6,6 +6,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
 
 
 @dataclass
@@ -24,6 +27,35 @@ class LayerReport:
 
 
 @dataclass
+class BlockResult:
+    """What a block pruner did to one decoder block.
+
+    The pruner fills the layer rows, the path it took and why, and its solver's figures; it may
+    hand over the block's outputs with the pruned weights (when it can form them cheaper than a
+    forward pass) and the dense block's outputs on the same inputs. The engine completes
+    ``output_error`` and ``fallback``; the report takes the rest as it is.
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    path: str = "layerwise"
+    reason: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+    outputs: list[torch.Tensor] | None = None
+    dense_outputs: list[torch.Tensor] | None = None
+    output_error: float | None = None  # ‖B − B₀‖² / ‖B₀‖², block outputs on the same inputs
+    fallback: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, index: int) -> dict[str, Any]:
+        """The report's entry for this block (no tensors)."""
+        entry = {"block": index, "path": self.path, "reason": self.reason}
+        entry["output_error"] = self.output_error
+        if self.fallback:
+            entry["fallback"] = self.fallback
+        return {**entry, **self.figures}
+
+
+@dataclass
 class PruneReport:
     """Returned by :func:`sparsellm.prune_model` and saved as ``sparsity_report.json``."""
 
@@ -38,6 +70,25 @@ class PruneReport:
     perplexity: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def add_block(self, index: int, result: BlockResult) -> None:
+        """Take one block's result: its layer rows, its summary row and its notes."""
+        self.layers.extend(result.layers)
+        self.blocks.append(result.row(index))
+        self.notes.extend(result.notes)
+
+    def paths_note(self) -> str | None:
+        """One line saying which path each block took, grouped by path and reason."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for block in self.blocks:
+            groups.setdefault((block["path"], block["reason"]), []).append(block["block"])
+        if all(not reason for _, reason in groups):  # layer-wise methods: nothing to say
+            return None
+        parts = [
+            f"{path} in block(s) {_ranges(indices)}" + (f" ({reason})" if reason else "")
+            for (path, reason), indices in groups.items()
+        ]
+        return "paths: " + "; ".join(parts)
+
     @property
     def zeros(self) -> int:
         return sum(layer.zeros for layer in self.layers)
@@ -51,13 +102,11 @@ class PruneReport:
         """Fraction of zeros over every pruned layer."""
         return self.zeros / self.numel if self.numel else 0.0
 
-    def block_postfix(self, block: int) -> dict[str, str]:
-        errors = [
-            layer.relative_error
-            for layer in self.layers
-            if layer.block == block and layer.relative_error is not None
-        ]
-        return {"mean_err": f"{sum(errors) / len(errors):.3g}"} if errors else {}
+    def block_postfix(self) -> dict[str, str]:
+        """Progress-bar figures of the last block taken."""
+        if not self.blocks or self.blocks[-1]["output_error"] is None:
+            return {}
+        return {"block_err": f"{self.blocks[-1]['output_error']:.3g}"}
 
     def to_dict(self) -> dict:
         retries = [layer.name for layer in self.layers if layer.damping_retries]
@@ -107,3 +156,14 @@ class PruneReport:
             )
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)

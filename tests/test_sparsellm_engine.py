@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_model
+from families import handed_on_and_real
 
 from sparsellm import prune_model
 from sparsellm.masks import is_valid_nm
@@ -41,7 +42,10 @@ def test_block_output_closer_to_dense_than_sparsegpt_at_70(family, calibration_i
         )
         errors[method] = relative_error(block_output(model, calibration_ids, 0), reference)
         if method == "sparsellm":
-            reported = report.blocks[0]["block_output_error"]
+            reported = report.blocks[0]["output_error"]
+            assert [b["path"] for b in report.blocks] == [
+                "ffn-output" if family == "opt350" else "residual"
+            ] * 2
     assert errors["sparsellm"] < 0.9 * errors["sparsegpt"], errors
     # the report's figure is the block output error measured here
     assert reported == pytest.approx(errors["sparsellm"], rel=0.05)
@@ -67,6 +71,7 @@ def test_exact_sparsity_and_patterns(family, kwargs, calibration_ids):
             count += 1
     assert len(report.layers) == count
     for block in report.blocks:
+        assert block["path"] == ("ffn-output" if family == "opt350" else "residual")
         totals = [epoch["total"] for epoch in block["epochs"]]
         # the objective never increases from epoch to epoch
         pairs = zip(totals, totals[1:], strict=False)
@@ -98,7 +103,9 @@ def test_skipping_an_ffn_layer_falls_back_to_local_pruning(calibration_ids):
         skip="down_proj",
         progress=False,
     )
-    assert report.blocks == []  # no joint FFN solve when part of the FFN stays dense
+    # no joint FFN solve when part of the FFN stays dense
+    assert [b["path"] for b in report.blocks] == ["layerwise"] * 2
+    assert "skipped" in report.blocks[0]["reason"]
     assert not any("down_proj" in layer.name for layer in report.layers)
     assert len(report.layers) == 2 * 6
 
@@ -106,22 +113,15 @@ def test_skipping_an_ffn_layer_falls_back_to_local_pruning(calibration_ids):
 def assert_handed_on_states_are_a_forward(model, calibration_ids):
     """What the engine hands block 1 after SparseLLM pruned block 0 (``h + FFN(X)``, not a
     re-run of the block) must be what the pruned block computes."""
-    block1 = get_adapter(model).blocks()[1]
-    seen = []
 
-    def record(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+    def prune(m):
+        prune_model(
+            m, method="sparsellm", sparsity=0.7, calibration=calibration_ids, progress=False
+        )
+        return calibration_ids
 
-    handle = block1.register_forward_pre_hook(record, with_kwargs=True)
-    prune_model(
-        model, method="sparsellm", sparsity=0.7, calibration=calibration_ids, progress=False
-    )
-    used_by_engine = seen[0]
-    seen.clear()
-    with torch.no_grad():
-        model(input_ids=calibration_ids, use_cache=False)
-    handle.remove()
-    torch.testing.assert_close(used_by_engine, seen[0], rtol=1e-4, atol=1e-5)
+    used_by_engine, real = handed_on_and_real(model, prune)
+    torch.testing.assert_close(used_by_engine, real, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "opt350", "gpt2"])

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparsellm.models.base import (
-    Adapter,
-    FeedForward,
-    UnsupportedModelError,
-    decoder_layers,
-    is_linear,
-    linear_weight,
-    set_linear_weight,
-)
+from sparsellm.models.base import Adapter, UnsupportedModelError, decoder_layers
+from sparsellm.models.feed_forward import FeedForward, infer_feed_forwards
 from sparsellm.models.generic import GenericAdapter
 from sparsellm.models.gpt2 import GPT2Adapter
+from sparsellm.models.linear import is_linear, linear_weight, set_linear_weight
 from sparsellm.models.llama import LlamaAdapter
 from sparsellm.models.opt import OPTAdapter
 
@@ -47,6 +41,7 @@ __all__ = [
     "UnsupportedModelError",
     "decoder_layers",
     "get_adapter",
+    "infer_feed_forwards",
     "is_linear",
     "linear_weight",
     "set_linear_weight",

@@ -7,37 +7,14 @@ before block 0 (embeddings, rotary tables, masks) is captured by the engine gene
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
 from torch import nn
 
 from sparsellm.errors import UserError
+from sparsellm.models.feed_forward import FeedForward, infer_feed_forwards
 
 
 class UnsupportedModelError(UserError):
     """The model's architecture matches none of the registered adapters."""
-
-
-@dataclass(frozen=True)
-class FeedForward:
-    """Names (relative to a block) of the feed-forward layers and its activation.
-
-    The FFN computes ``down(act(gate(x)) * up(x))`` when ``gate`` is set, else
-    ``down(act(up(x)))``. With ``fused_gate_up`` the layer named ``up`` computes both at once,
-    gate rows first (``gate, up = layer(x).chunk(2, dim=-1)``, as Phi-3 does).
-    """
-
-    module: str  # the sub-module taking the normalised hidden state, e.g. "mlp"
-    up: str
-    down: str
-    gate: str | None
-    activation: Callable[[torch.Tensor], torch.Tensor]
-    # Wiring inferred from names alone: the pruner checks it against the block's real FFN
-    # output before relying on it.
-    inferred: bool = False
-    fused_gate_up: bool = False
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -64,36 +41,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda ml: (len(ml), size(ml)))
 
 
-def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or transformers ``Conv1D`` with a 2-D weight: what pruning rewrites."""
-    weight = getattr(module, "weight", None)
-    kind = isinstance(module, nn.Linear) or _is_conv1d(module)
-    return kind and isinstance(weight, torch.Tensor) and weight.ndim == 2
-
-
 def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
     """``root.get_submodule(path)`` or ``None`` when any part is missing."""
     try:
         return root.get_submodule(path)
     except AttributeError:
         return None
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 Conv1D stores its weight as [in, out].
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as ``[out, in]`` (a view for ``nn.Linear``)."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
-
-
-def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write ``weight`` given as ``[out, in]`` into the layer, in the layer's dtype."""
-    data = weight.t() if _is_conv1d(module) else weight
-    with torch.no_grad():
-        module.weight.copy_(data.to(module.weight.dtype))
 
 
 class Adapter:
@@ -128,11 +81,15 @@ class Adapter:
         return {name: block.get_submodule(name) for name in self.linears}
 
     def feed_forward(self, block: nn.Module) -> FeedForward | None:
-        """How ``block``'s feed-forward part is wired; ``None`` when the adapter does not know
-        (SparseLLM then prunes that block layer by layer with SparseGPT)."""
+        """The family's known feed-forward wiring of ``block``; ``None`` when it has none."""
         return None
 
-    def ffn_sees_residual(self) -> bool:
-        """True when the FFN output is added straight onto the block output (pre-norm blocks):
-        the FFN can then be asked to absorb the attention's error."""
-        return True
+    def feed_forward_candidates(self, block: nn.Module) -> list[FeedForward]:
+        """Wirings ``block``'s FFN may have: the family's own first, then every wiring its
+        Linear shapes allow. The SparseLLM pruner uses the first one that reproduces the
+        block's FFN output and prunes layer by layer when none does."""
+        known = self.feed_forward(block)
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        return ([known] if known else []) + infer_feed_forwards(block, config)

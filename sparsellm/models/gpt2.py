@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparsellm.models.base import Adapter, FeedForward
+from sparsellm.models.base import Adapter
+from sparsellm.models.feed_forward import FeedForward
 
 
 class GPT2Adapter(Adapter):
@@ -15,6 +16,4 @@ class GPT2Adapter(Adapter):
     linears = (*attention, "mlp.c_fc", "mlp.c_proj")
 
     def feed_forward(self, block: nn.Module) -> FeedForward:
-        return FeedForward(
-            module="mlp", up="mlp.c_fc", down="mlp.c_proj", gate=None, activation=block.mlp.act
-        )
+        return FeedForward(up="mlp.c_fc", down="mlp.c_proj", gate=None, activation=block.mlp.act)

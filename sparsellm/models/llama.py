@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparsellm.models.base import Adapter, FeedForward
+from sparsellm.models.base import Adapter
+from sparsellm.models.feed_forward import FeedForward
 
 
 class LlamaAdapter(Adapter):
@@ -16,7 +17,6 @@ class LlamaAdapter(Adapter):
 
     def feed_forward(self, block: nn.Module) -> FeedForward:
         return FeedForward(
-            module="mlp",
             up="mlp.up_proj",
             down="mlp.down_proj",
             gate="mlp.gate_proj",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparsellm.models.base import Adapter, FeedForward
+from sparsellm.models.base import Adapter
+from sparsellm.models.feed_forward import FeedForward
 
 
 class OPTAdapter(Adapter):
@@ -16,10 +17,4 @@ class OPTAdapter(Adapter):
 
     def feed_forward(self, block: nn.Module) -> FeedForward:
         # OPT has no FFN sub-module: fc1 → activation → fc2 sit directly on the block.
-        return FeedForward(
-            module="fc1", up="fc1", down="fc2", gate=None, activation=block.activation_fn
-        )
-
-    def ffn_sees_residual(self) -> bool:
-        # With do_layer_norm_before=False (OPT-350m) a LayerNorm follows the residual sum.
-        return bool(getattr(self.model.config, "do_layer_norm_before", True))
+        return FeedForward(up="fc1", down="fc2", gate=None, activation=block.activation_fn)

@@ -1,0 +1,128 @@
+"""The divergence guard and the layout checks: no destroyed model is handed over in silence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from sparsellm import prune_model
+from sparsellm.engine import collect_statistics, write_solution
+from sparsellm.guard import DivergenceError
+from sparsellm.models import get_adapter, linear_weight
+from sparsellm.report import BlockResult
+from sparsellm.solvers import Statistic
+
+
+def destroying_pruner(job) -> BlockResult:
+    """A broken method: half the weights zero, the rest huge noise."""
+    _, dense = collect_statistics(job, job.layers, Statistic.NORMS, keep_outputs=True)
+    rows = []
+    generator = torch.Generator().manual_seed(job.index)
+    for name, module in job.layers.items():
+        weight = linear_weight(module).detach().float()
+        noise = torch.randn(weight.shape, generator=generator) * 100 * weight.abs().max()
+        noise.view(-1)[: weight.numel() // 2] = 0
+        rows.append(write_solution(job, name, weight, noise, None))
+    return BlockResult(layers=rows, dense_outputs=dense)
+
+
+@pytest.fixture
+def broken_method(monkeypatch):
+    import sparsellm.api
+
+    monkeypatch.setattr(sparsellm.api, "block_pruner", lambda method, options: destroying_pruner)
+
+
+def test_a_diverging_block_is_redone_with_sparsegpt(broken_method, calibration_ids):
+    model = tiny_model("llama")
+    report = prune_model(
+        model, method="wanda", sparsity=0.5, calibration=calibration_ids, progress=False
+    )
+    for block in report.blocks:
+        assert block["fallback"]["kept"] == "fallback"
+        assert block["fallback"]["first_error"] > 1
+        assert block["output_error"] == block["fallback"]["fallback_error"] < 0.5
+    assert sum("re-done with the fallback method" in note for note in report.notes) == 2
+    assert len(report.layers) == 14  # the fallback's rows replaced the broken ones
+    assert all(layer.relative_error is not None for layer in report.layers)  # SparseGPT's rows
+
+
+def test_fallback_result_equals_a_sparsegpt_run(broken_method, calibration_ids, monkeypatch):
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    prune_model(model, method="wanda", sparsity=0.5, calibration=calibration_ids, progress=False)
+    monkeypatch.undo()
+    reference = copy.deepcopy(dense)
+    prune_model(
+        reference, method="sparsegpt", sparsity=0.5, calibration=calibration_ids, progress=False
+    )
+    for (name, a), (_, b) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_divergence_without_fallback_stops_with_one_line(broken_method, calibration_ids):
+    model = tiny_model("llama")
+    with pytest.raises(DivergenceError, match=r"model\.layers\.0: pruned block output error"):
+        prune_model(
+            model, method="sparsegpt", sparsity=0.5, calibration=calibration_ids, progress=False
+        )
+
+
+def test_no_guard_keeps_going_and_says_so(broken_method, calibration_ids):
+    model = tiny_model("llama")
+    report = prune_model(
+        model,
+        method="sparsegpt",
+        sparsity=0.5,
+        calibration=calibration_ids,
+        progress=False,
+        guard=False,
+    )
+    assert [b["output_error"] > 1 for b in report.blocks] == [True, True]
+    assert not any(b.get("fallback") for b in report.blocks)
+
+
+def test_cli_divergence_exits_1_with_one_line_and_writes_nothing(
+    broken_method, model_dir, tmp_path, capsys
+):
+    from sparsellm.cli import main
+
+    out = tmp_path / "out"
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(model_dir),
+            "--method",
+            "sparsegpt",
+            "--calibration",
+            "builtin",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "worse than outputting zeros" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_guard_changes_nothing_on_a_healthy_run(calibration_ids):
+    model = tiny_model("llama")
+    report = prune_model(
+        model, method="sparsellm", sparsity=0.5, calibration=calibration_ids, progress=False
+    )
+    assert all(0 < b["output_error"] < 0.1 for b in report.blocks)
+    assert not any(b.get("fallback") for b in report.blocks)
+    blocks = get_adapter(model).blocks()
+    assert len(report.blocks) == len(blocks)
