@@ -39,7 +39,7 @@ bench: setup-demo
 
 # The README's family table, from the same sweep as tests/test_families.py.
 families: setup
-	$(PYTHON) bench/families.py
+	$(PYTHON) bench/families.py > docs/FAMILIES.md
 
 lint:
 	$(PYTHON) -m ruff check sparsellm tests bench

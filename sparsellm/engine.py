@@ -81,6 +81,7 @@ class BlockJob:
     def full_name(self, relative: str) -> str:
         return f"{self.adapter.block_name(self.index)}.{relative}"
 
+    @torch.no_grad()
     def forward(self, collect: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
         """Run the block over every calibration batch; keep outputs unless ``collect`` eats them."""
         outputs = []

@@ -48,8 +48,7 @@ def _capture_ffn(job: BlockJob, ffn: FeedForward) -> tuple[torch.Tensor, ...]:
         down.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone())),
     ]
     try:
-        with torch.no_grad():
-            blocks = job.forward()
+        blocks = job.forward()
     finally:
         for handle in handles:
             handle.remove()

@@ -67,8 +67,7 @@ def _run(job: BlockJob, pruner: BlockPruner) -> BlockResult:
     result = pruner(job)
     if job.inputs is not None and result.dense_outputs is not None:
         if result.outputs is None:
-            with torch.no_grad():
-                result.outputs = job.forward()
+            result.outputs = job.forward()
         result.output_error = output_error(result.outputs, result.dense_outputs)
     return result
 

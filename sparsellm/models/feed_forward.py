@@ -91,9 +91,10 @@ def _is_activation(module: nn.Module) -> bool:
 
 
 def _activations(parent: nn.Module, block: nn.Module, config: object) -> list[Activation]:
-    """Activation candidates: the FFN's own activation modules (then the block's), then the
-    config's ``hidden_act`` / ``hidden_activation``."""
-    found: list[Activation] = [m for owner in (parent, block) for m in owner.children()]
+    """Activation candidates, likeliest first: the FFN's own activation modules, the block's,
+    the config's ``hidden_act`` / ``hidden_activation``, then the common functions (some MLPs
+    call ``F.silu`` in their forward and hold no module for it)."""
+    found: list[Activation] = [*parent.children(), *block.modules()]
     found = [m for m in dict.fromkeys(found) if _is_activation(m)]
     from transformers.activations import ACT2FN
 
@@ -101,7 +102,14 @@ def _activations(parent: nn.Module, block: nn.Module, config: object) -> list[Ac
         name = getattr(config, key, None)
         if isinstance(name, str) and name in ACT2FN:
             found.append(ACT2FN[name])
-    return found
+    return found + list(_COMMON_ACTIVATIONS)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_COMMON_ACTIVATIONS: tuple[Activation, ...] = (F.silu, F.gelu, _gelu_tanh, F.relu)
 
 
 def _wirings(linears: dict[str, nn.Module]) -> Iterator[dict]:
@@ -125,25 +133,42 @@ def _wirings(linears: dict[str, nn.Module]) -> Iterator[dict]:
             yield dict(up=a, down=down, gate=b)
 
 
-def infer_feed_forwards(block: nn.Module, config: object = None) -> list[FeedForward]:
-    """Every FFN wiring a module of ``block`` holding two or three Linear layers could have.
+def _named(wiring: dict, prefix: str, act: Activation) -> FeedForward:
+    dot = f"{prefix}." if prefix else ""
+    names = {k: f"{dot}{wiring[k]}" if wiring[k] else None for k in ("up", "down", "gate")}
+    return FeedForward(activation=act, **{**wiring, **names})
 
-    Found from shapes alone: an up (and gate, or a fused gate-up) layer ``d → f`` and a down
-    layer ``f → d`` side by side in one module. Each candidate is a guess until checked.
+
+def _split_pairs(block: nn.Module) -> Iterator[dict]:
+    """Plain up/down pairs whose layers sit in different modules (BERT-style ``intermediate``
+    and ``output``): ``d → f`` then ``f → d`` with ``f ≠ d``, so attention's square
+    projections are not taken for an FFN."""
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in block.named_modules() if is_linear(m)}
+    for down, (d, f) in shapes.items():
+        for up, shape in shapes.items():
+            if (
+                up != down
+                and f != d
+                and shape == (f, d)
+                and up.rpartition(".")[0] != down.rpartition(".")[0]
+            ):
+                yield dict(up=up, down=down, gate=None)
+
+
+def infer_feed_forwards(block: nn.Module, config: object = None) -> list[FeedForward]:
+    """Every FFN wiring ``block``'s Linear shapes allow, likeliest first.
+
+    An up (and gate, or a fused gate-up) layer ``d → f`` and a down layer ``f → d`` side by
+    side in one module holding two or three Linear layers; then plain pairs split across two
+    modules. Each candidate is a guess until checked numerically.
     """
     candidates = []
     for prefix, parent in block.named_modules():
         linears = {n: m for n, m in parent.named_children() if is_linear(m)}
-        if len(linears) not in (2, 3):
-            continue
-        wirings = list(_wirings(linears))
-        if not wirings:
-            continue
-        dot = f"{prefix}." if prefix else ""
-        for act in _activations(parent, block, config):
-            for wiring in wirings:
-                names = {
-                    k: f"{dot}{wiring[k]}" if wiring[k] else None for k in ("up", "down", "gate")
-                }
-                candidates.append(FeedForward(activation=act, **{**wiring, **names}))
+        wirings = list(_wirings(linears)) if len(linears) in (2, 3) else []
+        for act in _activations(parent, block, config) if wirings else []:
+            candidates += [_named(wiring, prefix, act) for wiring in wirings]
+    pairs = list(_split_pairs(block))
+    for act in _activations(block, block, config) if pairs else []:
+        candidates += [_named(pair, "", act) for pair in pairs]
     return candidates
