@@ -132,10 +132,6 @@ def handed_on_and_real(model: torch.nn.Module, prune) -> tuple[torch.Tensor, tor
     return next(t for t in during if t.shape == real.shape), real
 
 
-def copy_model(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model)
-
-
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
 
 
@@ -157,7 +153,7 @@ def sweep_family(model_type: str, ids: torch.Tensor) -> dict:
         dense_logits = dense(input_ids=ids, use_cache=False).logits.float()
     outcome: dict = {"class": type(dense).__name__}
     for method in METHODS:
-        model = copy_model(dense)
+        model = copy.deepcopy(dense)
 
         def prune(m, method=method):
             prune.report = prune_model(

@@ -126,3 +126,29 @@ def test_guard_changes_nothing_on_a_healthy_run(calibration_ids):
     assert not any(b.get("fallback") for b in report.blocks)
     blocks = get_adapter(model).blocks()
     assert len(report.blocks) == len(blocks)
+
+
+def test_a_numerical_failure_is_redone_with_sparsegpt(monkeypatch, calibration_ids):
+    import sparsellm.api
+    from sparsellm.solvers import NumericalError
+
+    def failing(job):
+        raise NumericalError("solver produced NaN")
+
+    monkeypatch.setattr(sparsellm.api, "block_pruner", lambda method, options: failing)
+    report = prune_model(
+        tiny_model("llama"), method="wanda", sparsity=0.5, calibration=calibration_ids
+    )
+    assert [b["fallback"]["kept"] for b in report.blocks] == ["fallback"] * 2
+    assert "numerical failure (solver produced NaN)" in report.blocks[0]["fallback"]["why"]
+
+
+def test_guard_setting_is_validated_and_parsed():
+    from sparsellm.cli import build_parser
+    from sparsellm.config import ConfigError, PruneConfig, validate_prune
+
+    with pytest.raises(ConfigError, match="guard must be true or false, got 'yes'"):
+        validate_prune(PruneConfig(guard="yes"), require_io=False)
+    args = build_parser().parse_args(["prune", "--model", "m", "--no-guard"])
+    assert args.guard is False
+    assert build_parser().parse_args(["prune", "--model", "m"]).guard is None  # recipe decides

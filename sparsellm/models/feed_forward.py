@@ -40,10 +40,6 @@ class FeedForward:
         """The distinct layers of this FFN."""
         return [name for name in (self.up, self.gate, self.down) if name]
 
-    @property
-    def gated(self) -> bool:
-        return self.gate is not None or self.fused_gate_up
-
     def split_fused(self, fused: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate, up)`` halves of a fused layer's weight rows or bias (``dim=0``) or of its
         output columns (``dim=-1``)."""
