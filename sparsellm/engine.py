@@ -279,7 +279,8 @@ def collect_statistics(
     if unseen:
         raise UnsupportedModelError(
             f"unsupported layout: {job.full_name(unseen[0])} is never called as a module in a "
-            "forward pass (its weight is used directly), so its inputs cannot be observed; "
+            "forward pass (not run for causal LM use, or its weight is used directly), so its "
+            "inputs cannot be observed; "
             f"leave it dense with --skip '{re.escape(unseen[0])}$'"
         )
     return stats, outputs

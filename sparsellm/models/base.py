@@ -64,7 +64,8 @@ class Adapter:
         blocks = get_submodule(model, cls.blocks_path)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return False
-        return all(get_submodule(blocks[0], name) is not None for name in cls.linears)
+        # Every block: some models mix layouts (dense first blocks, MoE later ones).
+        return all(get_submodule(b, name) is not None for b in blocks for name in cls.linears)
 
     def __init__(self, model: nn.Module):
         self.model = model
