@@ -1,9 +1,12 @@
 """The layer-by-layer engine: one decoder block on the device at a time.
 
-1. Capture what block 0 receives (hidden states and every keyword argument the model passes:
-   masks, rotary embeddings, ...) with a pre-hook that stops the forward pass there.
-2. For each block: move it to the device, let a *block pruner* rewrite its weights, recompute
-   the block's outputs with the pruned weights, move it back. Outputs feed the next block, so
+1. Check on a short dense forward that the blocks form a chain (block i's output is block
+   i + 1's input), then capture what block 0 receives (hidden states and every keyword
+   argument the model passes: masks, rotary embeddings, ...) with a pre-hook that stops the
+   forward pass there.
+2. For each block: move it to the device, let a *block pruner* rewrite its weights under the
+   divergence guard (:mod:`sparsellm.guard`), recompute the block's outputs with the pruned
+   weights (unless the pruner formed them), move it back. Outputs feed the next block, so
    later blocks see earlier pruning.
 
 The engine knows neither a model family (that is the adapter) nor a solver's math (that is the
