@@ -50,11 +50,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _agreed(failed: list[bool], device: torch.device) -> list[bool]:
-    """Per item, whether any rank failed it: ranks must take the same path, or their
-    collectives would not pair up."""
-    votes = torch.tensor([float(f) for f in failed], device=device)
-    return [bool(v > 0) for v in all_reduce_sum_(votes)]
+def _agreed(failed: bool, device: torch.device) -> bool:
+    """Whether any rank failed: ranks must take the same path, or their collectives would not
+    pair up."""
+    return bool(all_reduce_sum_(torch.tensor([float(failed)], device=device)) > 0)
 
 
 @torch.no_grad()
@@ -105,7 +104,7 @@ def _matching_wiring(
                 failed = not _relative(computed, _flat(outputs[ffn.down])) <= tol
             except (RuntimeError, TypeError, ValueError):  # a guess whose parts do not fit
                 failed = True
-        if not _agreed([failed], device)[0]:
+        if not _agreed(failed, device):
             return ffn
     return None
 
@@ -134,8 +133,7 @@ def check_layout(block: nn.Module, candidates: list[FeedForward], batch: tuple) 
     deviation = float("inf")
     if moved.numel() == delta.numel():  # OPT's FFN works on [B·T, d] rows of [B, T, d]
         deviation = _relative(_flat(moved) - _flat(out), _flat(delta))
-    (bent,) = _agreed([not deviation <= tol], device)
-    if bent:
+    if _agreed(not deviation <= tol, device):
         return Layout(
             ffn,
             False,

@@ -48,8 +48,12 @@ class BlockResult:
 
     def row(self, index: int) -> dict[str, Any]:
         """The report's entry for this block (no tensors)."""
-        entry = {"block": index, "path": self.path, "reason": self.reason}
-        entry["output_error"] = self.output_error
+        entry = {
+            "block": index,
+            "path": self.path,
+            "reason": self.reason,
+            "output_error": self.output_error,
+        }
         if self.fallback:
             entry["fallback"] = self.fallback
         return {**entry, **self.figures}
