@@ -1,0 +1,98 @@
+"""Pruned weights are bit-identical to those recorded before the issue-11 refactor.
+
+The hashes in ``fixtures/pruned_hashes.json`` were recorded on CPU (one thread, as every test
+runs) from main at 9ce8b3f, before the code was reorganised. A refactor that changes a single
+bit of any pruned tensor, for any method, pattern or FFN path, fails here. Re-record (only for an
+intended change of numbers) with ``SPARSELLM_RECORD_HASHES=1 pytest tests/test_bit_identical.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_model
+
+from sparsellm import prune_model
+
+HASHES = FIXTURES / "pruned_hashes.json"
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
+
+
+def _sandwich(kind: str):
+    """A small block whose FFN output is normalised (general path) or whose FFN is fused."""
+    import transformers as tf
+
+    configs = {"gemma3": tf.Gemma3TextConfig, "phi3": tf.Phi3Config}
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(
+        configs[kind](
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            pad_token_id=0,
+        )
+    ).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and "norm" in name:
+                param.normal_(0.0, 1.0)
+    return model
+
+
+CASES = [
+    *[
+        (family, method, "50%")
+        for family in ("llama", "qwen2", "opt", "opt350", "gpt2")
+        for method in METHODS
+    ],
+    *[(family, method, "2:4") for family in ("llama", "opt") for method in METHODS],
+    *[
+        (kind, method, "50%")
+        for kind in ("gemma3", "phi3")
+        for method in ("sparsegpt", "sparsellm")
+    ],
+    ("llama", "sparsellm", "70%-skip"),
+]
+
+
+def _prune(family: str, method: str, target: str, calibration_ids: torch.Tensor) -> str:
+    model = _sandwich(family) if family in ("gemma3", "phi3") else tiny_model(family)
+    options: dict = {"pattern": "2:4"} if target == "2:4" else {"sparsity": float(target[:2]) / 100}
+    if target.endswith("skip"):
+        options["skip"] = r"layers\.0\.self_attn\.q_proj"
+    prune_model(
+        model,
+        method=method,
+        calibration=calibration_ids[:8, :32],
+        progress=False,
+        **options,
+    )
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _recorded() -> dict:
+    return json.loads(HASHES.read_text()) if HASHES.exists() else {}
+
+
+@pytest.mark.parametrize(("family", "method", "target"), CASES)
+def test_pruned_weights_are_bit_identical(family, method, target, calibration_ids):
+    key = f"{family}/{method}/{target}"
+    digest = _prune(family, method, target, calibration_ids)
+    if os.environ.get("SPARSELLM_RECORD_HASHES"):
+        recorded = _recorded()
+        recorded[key] = digest
+        HASHES.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
+        return
+    assert _recorded()[key] == digest, f"{key}: pruned weights changed"
