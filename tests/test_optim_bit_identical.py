@@ -24,7 +24,14 @@ from conftest import FIXTURES, small_llama
 from torch import nn
 
 from sparsellm.finetune import finetune
-from sparsellm.optim import SparseOptimizer, sparsifiable_parameters
+from sparsellm.optim import (
+    FrozenMask,
+    GradualSparsity,
+    HardThreshold,
+    L1Proximal,
+    SparseOptimizer,
+    sparsifiable_parameters,
+)
 
 HASHES = FIXTURES / "optim_hashes.json"
 STEPS = 6
@@ -235,3 +242,27 @@ def test_optimizer_and_finetune_are_bit_identical(key):
         HASHES.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
         return
     assert _recorded()[key] == digest, f"{key}: parameters or optimizer state changed"
+
+
+@pytest.mark.parametrize(
+    ("case", "rules"),
+    [
+        (
+            "schedule-keep-mask-sgd",
+            lambda: [FrozenMask(), GradualSparsity(0.75, initial=0.5, steps=4)],
+        ),
+        ("frozen-mask-l1-sgd", lambda: [FrozenMask(), L1Proximal(0.005)]),
+        ("l0-adamw", lambda: [HardThreshold(1e-6)]),
+    ],
+)
+def test_explicit_rules_match_the_flags(case, rules):
+    """``rules=[...]`` built by hand gives the very numbers of the flags that build them."""
+    pruned, make_base, _ = OPTIM_CASES[case]
+    model = small_llama(0)
+    if pruned:
+        _prune_half(model)
+    opt = SparseOptimizer(make_base(model), model=model, rules=rules())
+    _train(model, opt, range(STEPS))
+    assert _hash(model, opt.state_dict()) == _recorded()[f"optim/{case}"]
+    with pytest.raises(ValueError, match="either rules= or"):
+        SparseOptimizer(make_base(model), model=model, rules=rules(), keep_mask=True)
