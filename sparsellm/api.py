@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import time
-from dataclasses import fields
 
 import torch
 from torch import nn
 
-from sparsellm.config import ConfigError, PruneConfig, validate_prune
+from sparsellm.config import PruneConfig, prune_config
 from sparsellm.data import calibration_windows, evaluation_windows
 from sparsellm.distributed import shard, world
 from sparsellm.engine import EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
-from sparsellm.methods import block_pruner, fallback_pruner, needs_calibration
 from sparsellm.models import get_adapter
+from sparsellm.pruners import fallback_pruner, get_method
 from sparsellm.report import PruneReport
+from sparsellm.settings import ConfigError
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -39,86 +39,90 @@ def prune_model(
     """Prune ``model`` in place, one decoder block at a time, and return a report.
 
     Args:
-        model: a ``transformers`` causal LM (LLaMA-family, OPT, GPT-2 layouts), on the host or
-            the device; only one block at a time is moved to ``device``.
+        model: a ``transformers`` causal LM, on the host or the device; only one block at a
+            time is moved to ``device``.
         tokenizer: needed when ``calibration`` is text rather than token ids.
         sparsity: fraction of zeros per layer (default 0.5 unless ``pattern`` is given).
         pattern: ``"N:M"``: keep at most N of every M consecutive input weights.
-        method: ``magnitude``, ``wanda``, ``sparsegpt`` (local, layer by layer) or
-            ``sparsellm`` (global: attention by SparseGPT, FFN layers jointly).
+        method: a registered method (:data:`sparsellm.pruners.METHODS`): ``magnitude``,
+            ``wanda``, ``sparsegpt`` (local, layer by layer) or ``sparsellm`` (global:
+            attention by SparseGPT, FFN layers jointly).
         calibration: a text source name or path (see :mod:`sparsellm.data`) or an integer
             tensor ``[n, seqlen]`` of token ids.
         progress: show tqdm progress bars.
-        **options: any other :class:`~sparsellm.config.PruneConfig` field (``nsamples``,
-            ``seqlen``, ``seed``, ``device``, ``dampening``, ``blocksize``, ``batch_size``,
-            ``skip``, ``guard``; for ``sparsellm``: ``epochs``, ``alpha``, ``beta``, ``gamma``).
+        **options: any other setting of :class:`~sparsellm.config.PruneConfig` (``nsamples``,
+            ``seqlen``, ``seed``, ``device``, ``batch_size``, ``skip``, ``guard``) and the
+            method's own options (``dampening``, ``blocksize``; for ``sparsellm`` also
+            ``epochs``, ``alpha``, ``beta``, ``gamma``). Unknown names raise ``ConfigError``.
     """
-    known = {f.name for f in fields(PruneConfig)} - {"model", "output", "overwrite", "eval"}
-    unknown = set(options) - known
-    if unknown:
-        raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    config = PruneConfig(
-        method=method,
-        sparsity=sparsity,
-        pattern=pattern,
-        calibration=calibration if isinstance(calibration, str) else "<tensor>",
-        **options,
-    )
-    target = validate_prune(config, require_io=False)
-    adapter = get_adapter(model)
-    device = default_device(config.device)
+    for name in ("model", "output", "overwrite", "eval", "eval_seqlen", "eval_windows"):
+        if name in options:
+            raise ConfigError(f"{name!r} is a setting of the CLI, not of prune_model()")
+    source = calibration if isinstance(calibration, str) else "<tensor>"
+    values = dict(options, method=method, sparsity=sparsity, pattern=pattern, calibration=source)
+    config = prune_config({k: v for k, v in values.items() if v is not None}, require_io=False)
+    ids = calibration if isinstance(calibration, torch.Tensor) else None
+    return prune(model, tokenizer, config, calibration_ids=ids, progress=progress)
 
+
+def prune(
+    model: nn.Module,
+    tokenizer: object | None,
+    config: PruneConfig,
+    *,
+    calibration_ids: torch.Tensor | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place as a checked ``config`` says (see :func:`prune_model`);
+    ``calibration_ids`` [n, seqlen], when given, replace ``config.calibration``."""
+    method = get_method(config.method)
+    adapter = get_adapter(model)
     report = PruneReport(
         model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
         architecture=adapter.family,
-        method=method,
-        target=str(target),
+        method=method.name,
+        target=str(config.target()),
         config=config.to_dict(),
     )
     windows = None
-    if needs_calibration(method):
-        started = time.perf_counter()
-        if isinstance(calibration, str) and not calibration.endswith(".pt") and tokenizer is None:
-            raise ConfigError("a tokenizer is needed to use text calibration data")
-        windows = calibration_windows(
-            calibration, tokenizer, config.nsamples, config.seqlen, config.seed
-        )
-        report.timings["calibration_data"] = time.perf_counter() - started
-        report.config["calibration_windows"] = list(windows.shape)
-        ranks = world()[1]
-        if ranks > 1:
-            windows = shard(windows)
-            report.config["ranks"] = ranks
-
+    if method.needs_calibration:
+        windows = _calibration(tokenizer, config, calibration_ids, report)
     engine_options = EngineOptions(
-        device=device,
+        device=default_device(config.device),
         batch_size=config.batch_size,
-        dampening=config.dampening,
-        blocksize=config.blocksize,
         skip=config.skip,
         progress=progress,
         guard=config.guard,
     )
     started = time.perf_counter()
-    method_options = (
-        {k: getattr(config, k) for k in ("epochs", "alpha", "beta", "gamma")}
-        if method == "sparsellm"
-        else {}
-    )
-    pruner = block_pruner(method, method_options)
-    fallback = fallback_pruner(method)
-    prune_blocks(model, adapter, windows, pruner, target, engine_options, report, fallback)
+    pruner = method.build(config.options)
+    fallback = fallback_pruner(method.name, config.options)
+    prune_blocks(model, adapter, windows, pruner, config.target(), engine_options, report, fallback)
     report.timings["prune"] = time.perf_counter() - started
-    paths = report.paths_note()
-    if paths:
-        report.notes.insert(0, paths)
-    retried = [layer.name for layer in report.layers if layer.damping_retries]
-    if retried:
-        report.notes.append(
-            f"{len(retried)} layer(s) needed more Hessian damping than requested: "
-            + ", ".join(retried)
-        )
+    report.finish()
     return report
+
+
+def _calibration(
+    tokenizer: object | None,
+    config: PruneConfig,
+    ids: torch.Tensor | None,
+    report: PruneReport,
+) -> torch.Tensor:
+    """The calibration windows (this rank's share under torch.distributed)."""
+    started = time.perf_counter()
+    if ids is None:
+        source = config.calibration
+        if not source.endswith(".pt") and tokenizer is None:
+            raise ConfigError("a tokenizer is needed to use text calibration data")
+        ids = calibration_windows(source, tokenizer, config.nsamples, config.seqlen, config.seed)
+    report.timings["calibration_data"] = time.perf_counter() - started
+    report.config["calibration_windows"] = list(ids.shape)
+    ranks = world()[1]
+    if ranks > 1:
+        ids = shard(ids)
+        report.config["ranks"] = ranks
+    return ids
 
 
 def evaluate_perplexity(

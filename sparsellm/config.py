@@ -1,60 +1,70 @@
-"""Pruning and evaluation settings, TOML recipes, and their validation.
+"""Settings of ``prune``, ``eval`` and ``finetune``, TOML recipes, and their validation.
 
-A recipe holds the same keys as the command-line flags (``-`` or ``_``); flags given on the
-command line override it. Every check here runs before a model is loaded or a file written.
+Each setting is declared once (:func:`~sparsellm.settings.setting`); its name is the CLI flag
+(``-`` for ``_``), the recipe key and the ``prune_model()`` keyword. A pruning method's own
+options are declared with the method (:mod:`sparsellm.pruners`) and checked here against the
+method chosen. Flags given on the command line override the recipe. Every check here runs
+before a model is loaded or a file written.
 """
 
 from __future__ import annotations
 
+import re
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-from sparsellm.errors import UserError
+from sparsellm.data import describe_sources
 from sparsellm.masks import SparsityTarget
-from sparsellm.methods import METHODS
+from sparsellm.pruners import get_method, methods_with, option_fields
+from sparsellm.saving import FORMATS
+from sparsellm.settings import ConfigError, check_settings, declared, setting
 
-
-class ConfigError(UserError):
-    """Invalid settings; the CLI prints the message and exits with code 2."""
+SOURCES = describe_sources()
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+MODEL_HELP = "hub id, local model directory, or .gguf file"
 
 
 @dataclass
 class PruneConfig:
-    """Everything a pruning run needs; field names equal CLI flags and recipe keys."""
+    """Everything a pruning run needs; ``options`` holds the chosen method's own settings."""
 
-    model: str | None = None
-    output: str | None = None
-    method: str = "sparsegpt"
-    sparsity: float | None = None  # default 0.5 when no pattern is given
-    pattern: str | None = None
-    calibration: str = "builtin"
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    device: str | None = None  # default: cuda if available, else cpu
-    dtype: str = "auto"
-    dampening: float = 0.01
-    blocksize: int = 128
-    batch_size: int = 32
-    skip: str | None = None
-    overwrite: bool = False
-    guard: bool = True  # re-do a diverging block with SparseGPT, stop if still worse than zeros
-    # SparseLLM: alternation epochs and penalties (None = scaled automatically from the data)
-    epochs: int = 1
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    eval: str | None = None  # text source for before/after perplexity
-    eval_seqlen: int | None = None  # default: seqlen
-    eval_windows: int | None = None
+    model: str | None = setting(None, MODEL_HELP)
+    output: str | None = setting(None, "directory to write the pruned model to")
+    method: str = setting("sparsegpt", "pruning method (see below)")
+    sparsity: float | None = setting(None, "fraction of zeros per layer (default 0.5)", "number")
+    pattern: str | None = setting(None, "N:M structured sparsity: keep N of every M, e.g. 2:4")
+    calibration: str = setting("builtin", f"calibration text: {SOURCES}")
+    nsamples: int = setting(128, "calibration windows", "positive_int")
+    seqlen: int = setting(512, "tokens per calibration window", "positive_int")
+    seed: int = setting(0, "seed for window sampling", "int")
+    device: str | None = setting(None, "device for the block being pruned (default: cuda if any)")
+    dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
+    batch_size: int = setting(32, "calibration windows per forward pass", "positive_int")
+    skip: str | None = setting(None, "regex on layer names to leave dense (e.g. 'layers\\.0\\.')")
+    overwrite: bool = setting(False, "replace a non-empty output directory", "bool")
+    guard: bool = setting(
+        True,
+        "re-do a block whose output error exceeds 1 with SparseGPT and stop if it is still "
+        "above 1 (default; --no-guard keeps going)",
+        "bool",
+    )
+    save_format: str = setting("dense", "output format", choices=tuple(FORMATS))
+    eval: str | None = setting(None, "text source for perplexity before and after pruning")
+    eval_seqlen: int | None = setting(
+        None, "window length for --eval (default: seqlen)", "positive_int"
+    )
+    eval_windows: int | None = setting(None, "at most this many windows for --eval", "positive_int")
+    options: Any = field(default=None, repr=False)  # the method's options dataclass
 
     def target(self) -> SparsityTarget:
+        """The sparsity target: ``sparsity`` or ``pattern`` (0.5 when neither is given)."""
         try:
             if self.pattern is not None and self.sparsity is not None:
                 raise ValueError("give --sparsity or --pattern, not both")
@@ -65,43 +75,96 @@ class PruneConfig:
             raise ConfigError(str(exc)) from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as recipe keys, the method's options among them."""
+        values = {f.name: getattr(self, f.name) for f in declared(PruneConfig)}
+        return {**values, **(asdict(self.options) if self.options is not None else {})}
+
+
+def _split_prune_keys(values: dict[str, Any], method: str) -> tuple[dict, dict]:
+    """``values`` into common settings and the method's options; a key of another method or
+    of none is an error naming it."""
+    common_names = {f.name for f in declared(PruneConfig)}
+    own_names = {f.name for f in declared(get_method(method).options)}
+    common, own = {}, {}
+    for key, value in values.items():
+        if key in common_names:
+            common[key] = value
+        elif key in own_names:
+            own[key] = value
+        elif methods_with(key):
+            owners = ", ".join(methods_with(key))
+            raise ConfigError(f"{key} is an option of {owners}, not of method {method!r}")
+        else:
+            raise ConfigError(f"unknown setting {key!r}")
+    return common, own
+
+
+def prune_config(values: dict[str, Any], require_io: bool = True) -> PruneConfig:
+    """A checked :class:`PruneConfig` from flat keys (recipe, flags or keywords)."""
+    method = values.get("method", PruneConfig.method)
+    get_method(method)  # an unknown method is named before its options are looked at
+    common, own = _split_prune_keys(values, method)
+    config = PruneConfig(**common)
+    check_settings(config)
+    target = config.target()
+    config.options = get_method(method).make_options(own, target)
+    if config.skip is not None:
+        try:
+            re.compile(config.skip)
+        except re.error as exc:
+            message = f"skip {config.skip!r} is not a valid regular expression: {exc}"
+            raise ConfigError(message) from None
+    if require_io:
+        require_model(config.model)
+        check_output(config.output, config.overwrite)
+    return config
 
 
 @dataclass
 class EvalConfig:
     """Settings of ``sparsellm eval``."""
 
-    model: str | None = None
-    dataset: str = "wikitext2"
-    seqlen: int = 2048
-    max_windows: int | None = None
-    batch_size: int = 4
-    device: str | None = None
-    dtype: str = "auto"
+    model: str | None = setting(None, MODEL_HELP)
+    dataset: str = setting("wikitext2", f"text: {SOURCES}")
+    seqlen: int = setting(2048, "tokens per window", "positive_int")
+    max_windows: int | None = setting(None, "evaluate at most this many windows", "positive_int")
+    batch_size: int = setting(4, "windows per forward pass", "positive_int")
+    device: str | None = setting(None, "default: cuda if available, else cpu")
+    dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
 
 
 @dataclass
 class FinetuneConfig:
     """Settings of ``sparsellm finetune``."""
 
-    model: str | None = None
-    output: str | None = None
-    data: str = "builtin"
-    eval: str | None = None  # held-out text; default: the last 10% of ``data``
-    steps: int = 200
-    lr: float = 1e-4
-    batch_size: int = 4
-    seqlen: int = 512
-    eval_windows: int | None = 64
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    target_sparsity: float | None = None  # sparsify while training instead of keeping the mask
-    mixed_precision: str = "auto"  # auto | bf16 | fp16 | no
-    seed: int = 0
-    device: str | None = None
-    dtype: str = "auto"
-    overwrite: bool = False
+    model: str | None = setting(None, "pruned model directory, hub id or .gguf file")
+    output: str | None = setting(None, "directory to write the fine-tuned model to")
+    data: str = setting("builtin", f"training text: {SOURCES}")
+    eval: str | None = setting(None, "held-out text (default: the last 10%% of --data)")
+    steps: int = setting(200, "optimizer steps", "positive_int")
+    lr: float = setting(1e-4, "peak learning rate of AdamW", "positive_number")
+    batch_size: int = setting(4, "windows per step", "positive_int")
+    seqlen: int = setting(512, "tokens per window", "positive_int")
+    eval_windows: int | None = setting(64, "held-out windows to score", "positive_int")
+    warmup_steps: int | None = setting(
+        None, "linear warm-up (default 10%% of steps)", "non_negative_int"
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay", "non_negative_number")
+    target_sparsity: float | None = setting(None, "sparsify to this while training", "number")
+    mixed_precision: str = setting(
+        "auto",
+        "autocast of the training step: auto (bf16 where the device has fast bf16, else none)",
+        choices=("auto", "bf16", "fp16", "no"),
+    )
+    seed: int = setting(0, "seed of the batch order", "int")
+    device: str | None = setting(None, "default: cuda if available, else cpu")
+    dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
+    overwrite: bool = setting(False, "replace a non-empty output directory", "bool")
+
+
+def require_model(model: str | None) -> None:
+    if not model:
+        raise ConfigError("no model given (--model or 'model' in the recipe)")
 
 
 def check_output(output: str | None, overwrite: bool) -> None:
@@ -117,27 +180,41 @@ def check_output(output: str | None, overwrite: bool) -> None:
         )
 
 
-def validate_finetune(config: FinetuneConfig) -> None:
-    """Check ``config`` completely before anything is loaded."""
-    if not config.model:
-        raise ConfigError("no model given (--model or 'model' in the recipe)")
-    for name in ("steps", "batch_size", "seqlen"):
-        _positive_int(name, getattr(config, name))
-    if config.eval_windows is not None:
-        _positive_int("eval_windows", config.eval_windows)
-    if not isinstance(config.lr, int | float) or not config.lr > 0:
-        raise ConfigError(f"lr must be a positive number, got {config.lr!r}")
+def eval_config(values: dict[str, Any]) -> EvalConfig:
+    """A checked :class:`EvalConfig`."""
+    config = _build(EvalConfig, values)
+    require_model(config.model)
+    return config
+
+
+def finetune_config(values: dict[str, Any]) -> FinetuneConfig:
+    """A checked :class:`FinetuneConfig`."""
+    config = _build(FinetuneConfig, values)
+    require_model(config.model)
     if config.target_sparsity is not None and not 0 <= config.target_sparsity < 1:
         raise ConfigError(f"target_sparsity {config.target_sparsity} is outside [0, 1)")
-    if config.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-        raise ConfigError(
-            f"mixed_precision {config.mixed_precision!r} is not one of auto, bf16, fp16, no"
-        )
     check_output(config.output, config.overwrite)
+    return config
+
+
+def _build(schema: type, values: dict[str, Any]):
+    known = {f.name for f in declared(schema)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    config = schema(**values)
+    check_settings(config)
+    return config
+
+
+def recipe_keys(schema: type) -> set[str]:
+    """Keys a recipe for ``schema`` may hold (for pruning: every method's options too)."""
+    keys = {f.name for f in declared(schema)}
+    return keys | set(option_fields()) if schema is PruneConfig else keys
 
 
 def load_recipe(path: str | Path, schema: type) -> dict:
-    """Keys of a TOML recipe, validated against the dataclass ``schema``."""
+    """Keys of a TOML recipe (``-`` read as ``_``), each known to ``schema``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
@@ -145,7 +222,7 @@ def load_recipe(path: str | Path, schema: type) -> dict:
         data = tomllib.loads(path.read_text("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"recipe {str(path)!r} is not valid TOML: {exc}") from None
-    known = {f.name for f in fields(schema)}
+    known = recipe_keys(schema)
     values = {}
     for key, value in data.items():
         name = key.replace("-", "_")
@@ -157,52 +234,6 @@ def load_recipe(path: str | Path, schema: type) -> dict:
     return values
 
 
-def merge(schema: type, recipe: dict, overrides: dict):
-    """``schema`` built from its defaults, then the recipe, then explicit (non-None) flags."""
-    values = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
-    try:
-        return schema(**values)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def validate_prune(config: PruneConfig, require_io: bool = True) -> SparsityTarget:
-    """Check ``config`` completely; return its sparsity target."""
-    if config.method not in METHODS:
-        raise ConfigError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
-    target = config.target()
-    for name in ("nsamples", "seqlen", "blocksize", "batch_size"):
-        _positive_int(name, getattr(config, name))
-    if not isinstance(config.epochs, int) or isinstance(config.epochs, bool) or config.epochs < 0:
-        raise ConfigError(f"epochs must be a non-negative integer, got {config.epochs!r}")
-    if not isinstance(config.guard, bool):
-        raise ConfigError(f"guard must be true or false, got {config.guard!r}")
-    for name in ("alpha", "beta", "gamma"):
-        value = getattr(config, name)
-        if value is not None and (not isinstance(value, int | float) or not value > 0):
-            raise ConfigError(f"{name} must be a positive number, got {value!r}")
-    for name in ("eval_seqlen", "eval_windows"):
-        if getattr(config, name) is not None:
-            _positive_int(name, getattr(config, name))
-    if not isinstance(config.dampening, int | float) or config.dampening < 0:
-        raise ConfigError(f"dampening must be a non-negative number, got {config.dampening!r}")
-    if target.is_nm and config.blocksize % target.m:
-        raise ConfigError(f"blocksize {config.blocksize} is not a multiple of M={target.m}")
-    if config.skip is not None:
-        import re
-
-        try:
-            re.compile(config.skip)
-        except re.error as exc:
-            message = f"skip {config.skip!r} is not a valid regular expression: {exc}"
-            raise ConfigError(message) from None
-    if require_io:
-        if not config.model:
-            raise ConfigError("no model given (--model or 'model' in the recipe)")
-        check_output(config.output, config.overwrite)
-    return target
+def merge(recipe: dict, flags: dict) -> dict:
+    """Recipe keys overridden by the flags given (``None`` = not given)."""
+    return {**recipe, **{k: v for k, v in flags.items() if v is not None}}

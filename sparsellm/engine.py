@@ -24,18 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsellm.distributed import broadcast_
 from sparsellm.masks import SparsityTarget
-from sparsellm.models import Adapter, UnsupportedModelError, linear_weight, set_linear_weight
-from sparsellm.report import BlockResult, LayerReport, PruneReport
-from sparsellm.solvers import (
-    LayerStatistics,
-    NumericalError,
-    SolverSpec,
-    Statistic,
-    relative_output_error,
-)
-from sparsellm.statistics import StatisticsCollector, StopForward
+from sparsellm.models import Adapter
+from sparsellm.report import BlockResult, PruneReport
 
 CHAIN_CHECK_TOKENS = 16  # tokens of the dense forward that checks blocks form a chain
 
@@ -51,19 +42,36 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     args: list[tuple]  # further positional arguments (GPT-2 passes its mask positionally)
     kwargs: list[dict]
+    # What the last block run returned besides hidden states: tuple length, None for a tensor
+    # (stand-in blocks must answer in the same format).
+    output_format: int | None = None
 
     def batches(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
         yield from zip(self.hidden, self.args, self.kwargs, strict=True)
 
+    @torch.no_grad()
+    def run(
+        self, block: nn.Module, collect: Callable[[torch.Tensor], None] | None = None
+    ) -> list[torch.Tensor]:
+        """``block`` over every batch; the outputs, unless ``collect`` takes each one."""
+        outputs = []
+        for hidden, args, kwargs in self.batches():
+            raw = block(hidden, *args, **kwargs)
+            self.output_format = len(raw) if isinstance(raw, tuple | list) else None
+            out = block_output(raw)
+            if collect is None:
+                outputs.append(out)
+            else:
+                collect(out)
+        return outputs
+
 
 @dataclass
 class EngineOptions:
-    """Knobs shared by every method."""
+    """What the engine needs of a run's settings (methods carry their own options)."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 32
-    dampening: float = 0.01
-    blocksize: int = 128
     skip: str | None = None  # regex on full layer names: matching layers stay dense
     progress: bool = True
     guard: bool = True  # re-do or stop on a diverging block (see sparsellm.guard)
@@ -84,17 +92,9 @@ class BlockJob:
     def full_name(self, relative: str) -> str:
         return f"{self.adapter.block_name(self.index)}.{relative}"
 
-    @torch.no_grad()
     def forward(self, collect: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
-        """Run the block over every calibration batch; keep outputs unless ``collect`` eats them."""
-        outputs = []
-        for hidden, args, kwargs in self.inputs.batches():
-            out = block_output(self.block(hidden, *args, **kwargs))
-            if collect is None:
-                outputs.append(out)
-            else:
-                collect(out)
-        return outputs
+        """The block over every calibration batch (see :meth:`BlockInputs.run`)."""
+        return self.inputs.run(self.block, collect)
 
 
 # A block pruner rewrites the weights of ``job.layers`` and says what it did.
@@ -179,6 +179,33 @@ def capture_block_inputs(
     return BlockInputs(hidden=hidden, args=args_list, kwargs=kwargs_list)
 
 
+def stream_blocks(
+    adapter: Adapter, device: torch.device, desc: str, progress: bool
+) -> Iterator[tuple[int, nn.Module, tqdm]]:
+    """Each decoder block in order, moved to ``device`` while the caller works on it and back
+    home afterwards: the one loop by which pruning and streamed evaluation visit blocks."""
+    blocks = adapter.blocks()
+    bar = tqdm(blocks, desc=desc, unit="block", disable=not progress)
+    for index, block in enumerate(bar):
+        home = next(block.parameters()).device
+        block.to(device)
+        try:
+            yield index, block, bar
+        finally:
+            block.to(home)
+
+
+def _prunable(
+    adapter: Adapter, block: nn.Module, index: int, skip: re.Pattern | None
+) -> dict[str, nn.Module]:
+    """The block's prunable layers that ``--skip`` leaves to prune."""
+    return {
+        name: module
+        for name, module in adapter.prunable(block).items()
+        if not (skip and skip.search(f"{adapter.block_name(index)}.{name}"))
+    }
+
+
 def prune_blocks(
     model: nn.Module,
     adapter: Adapter,
@@ -202,137 +229,17 @@ def prune_blocks(
     if windows is not None:
         check_block_chain(model, adapter.blocks(), windows[:1, :CHAIN_CHECK_TOKENS])
         inputs = capture_block_inputs(model, adapter, windows, options)
-    blocks = adapter.blocks()
-    bar = tqdm(blocks, desc=f"pruning {str(target)}", unit="block", disable=not options.progress)
+    last = len(adapter.blocks()) - 1
     previous_error = None
-    for index, block in enumerate(bar):
-        home = next(block.parameters()).device
-        block.to(options.device)
-        layers = {
-            name: module
-            for name, module in adapter.prunable(block).items()
-            if not (skip and skip.search(f"{adapter.block_name(index)}.{name}"))
-        }
+    blocks = stream_blocks(adapter, options.device, f"pruning {target}", options.progress)
+    for index, block, bar in blocks:
+        layers = _prunable(adapter, block, index, skip)
         job = BlockJob(index, block, layers, inputs, adapter, target, options)
         result = prune_guarded(job, prune_block, fallback, previous_error)
         report.add_block(index, result)
         previous_error = result.output_error or previous_error
-        if inputs is not None and index + 1 < len(blocks):
+        if inputs is not None and index < last:
             inputs.hidden = result.outputs if result.outputs is not None else job.forward()
         result.outputs = result.dense_outputs = None
-        block.to(home)
         if options.progress:
             bar.set_postfix(report.block_postfix())
-
-
-def write_solution(
-    job: BlockJob,
-    name: str,
-    original: torch.Tensor,
-    result_weight: torch.Tensor,
-    stats: LayerStatistics | None,
-    **figures: object,
-) -> LayerReport:
-    """Check a solver's weight, write it into layer ``name``; its row for the report."""
-    module = job.layers[name]
-    full = job.full_name(name)
-    if not torch.isfinite(result_weight).all():
-        raise NumericalError(f"{full}: solver produced NaN/Inf weights; nothing was written")
-    set_linear_weight(module, result_weight)
-    written = linear_weight(module)
-    error = (
-        relative_output_error(original, written.float(), stats.hessian)
-        if stats is not None and stats.hessian is not None
-        else None
-    )
-    return LayerReport(
-        name=full,
-        block=job.index,
-        shape=list(written.shape),
-        sparsity=float((written == 0).float().mean()),
-        zeros=int((written == 0).sum()),
-        numel=written.numel(),
-        relative_error=error,
-        **figures,
-    )
-
-
-def collect_statistics(
-    job: BlockJob, layers: dict[str, nn.Module], kind: Statistic, keep_outputs: bool = False
-) -> tuple[dict[str, LayerStatistics], list[torch.Tensor]]:
-    """One forward pass over the calibration batches with hooks on ``layers``; returns their
-    statistics and, with ``keep_outputs``, the block's outputs (weights as they are now).
-
-    Without ``keep_outputs`` each pass stops once the last hooked layer has seen its input
-    (typically skipping the down projection's matmul: a quarter of a LLaMA block's FLOPs).
-    """
-    outputs = []
-    stop_early = not keep_outputs
-    with torch.no_grad(), StatisticsCollector(layers, kind, stop_early=stop_early) as collector:
-        for hidden, args, kwargs in job.inputs.batches():
-            collector.next_batch()
-            try:
-                out = job.block(hidden, *args, **kwargs)
-            except StopForward:
-                continue
-            if keep_outputs:
-                outputs.append(block_output(out))
-    stats = collector.results()
-    unseen = [name for name in layers if name not in stats]
-    if unseen:
-        raise UnsupportedModelError(
-            f"unsupported layout: {job.full_name(unseen[0])} is never called as a module in a "
-            "forward pass (not run for causal LM use, or its weight is used directly), so its "
-            "inputs cannot be observed; "
-            f"leave it dense with --skip '{re.escape(unseen[0])}$'"
-        )
-    return stats, outputs
-
-
-def solve_layers(
-    job: BlockJob,
-    layers: dict[str, nn.Module],
-    stats: dict[str, LayerStatistics],
-    solver: SolverSpec,
-) -> list[LayerReport]:
-    """Prune each of ``layers`` on its own statistics with ``solver`` and write it back."""
-    rows = []
-    for name, module in layers.items():
-        original = linear_weight(module).detach().to(torch.float32, copy=True)
-        result = solver.solve(
-            original,
-            stats.get(name),
-            job.target,
-            blocksize=job.options.blocksize,
-            dampening=job.options.dampening,
-        )
-        # Ranks solved the same problem; rank 0's answer makes their models bit-identical.
-        weight = broadcast_(result.weight.contiguous())
-        rows.append(
-            write_solution(
-                job,
-                name,
-                original,
-                weight,
-                stats.get(name),
-                damping=result.damping,
-                damping_retries=result.damping_retries,
-            )
-        )
-    return rows
-
-
-def layerwise_pruner(solver: SolverSpec) -> BlockPruner:
-    """A block pruner that solves each Linear on its own inputs (magnitude, Wanda, SparseGPT)."""
-
-    def prune_block(job: BlockJob) -> BlockResult:
-        stats: dict[str, LayerStatistics] = {}
-        dense = None
-        if solver.statistic is not Statistic.NONE:
-            # The dense outputs cost the pass its early stop, and buy the divergence guard.
-            keep = job.options.guard
-            stats, dense = collect_statistics(job, job.layers, solver.statistic, keep_outputs=keep)
-        rows = solve_layers(job, job.layers, stats, solver)
-        return BlockResult(layers=rows, dense_outputs=dense or None)
-
-    return prune_block

@@ -139,29 +139,20 @@ def _streamed_logits(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     from sparsellm.engine import (
         EngineOptions,
-        block_output,
         blocks_replaced,
         capture_block_inputs,
         rest_on_device,
+        stream_blocks,
     )
     from sparsellm.models import get_adapter
 
     adapter = get_adapter(model)
     options = EngineOptions(device=device, batch_size=batch_size, progress=False)
     inputs = capture_block_inputs(model, adapter, windows, options)
-    blocks = adapter.blocks()
     formats: list[int | None] = []
-    bar = tqdm(blocks, desc="perplexity (streamed)", unit="block", disable=not progress)
-    for block in bar:
-        home = next(block.parameters()).device
-        block.to(device)
-        outputs = []
-        for hidden, args, kwargs in inputs.batches():
-            out = block(hidden, *args, **kwargs)
-            outputs.append(block_output(out))
-        formats.append(len(out) if isinstance(out, tuple | list) else None)
-        inputs.hidden = outputs
-        block.to(home)
+    for _, block, _ in stream_blocks(adapter, device, "perplexity (streamed)", progress):
+        inputs.hidden = inputs.run(block)
+        formats.append(inputs.output_format)
     stand_ins = nn.ModuleList(_HandOn(f) for f in formats[:-1])
     stand_ins.append(_HandOn(formats[-1], final=inputs.hidden))
     with rest_on_device(adapter, device), blocks_replaced(adapter, stand_ins):

@@ -80,6 +80,18 @@ class PruneReport:
         self.blocks.append(result.row(index))
         self.notes.extend(result.notes)
 
+    def finish(self) -> None:
+        """Add the notes drawn from all blocks: the paths taken (first), Hessian damping."""
+        paths = self.paths_note()
+        if paths:
+            self.notes.insert(0, paths)
+        retried = [layer.name for layer in self.layers if layer.damping_retries]
+        if retried:
+            self.notes.append(
+                f"{len(retried)} layer(s) needed more Hessian damping than requested: "
+                + ", ".join(retried)
+            )
+
     def paths_note(self) -> str | None:
         """One line saying which path each block took, grouped by path and reason."""
         groups: dict[tuple[str, str], list[int]] = {}

@@ -1,4 +1,9 @@
-"""Write a pruned model atomically: a temporary sibling directory renamed at the end."""
+"""Write a model and its reports atomically, in one of the registered output formats.
+
+A format is a writer that fills a directory from the model and tokenizer. Whatever the format,
+:func:`save_model` writes into a temporary sibling directory, adds the reports, and renames it
+into place at the end, so a crash never leaves a half-written model behind.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +11,70 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+# (model, tokenizer or None, directory to fill) -> None
+Writer = Callable[[nn.Module, Any, Path], None]
+
+
+def _write_dense(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """A Hugging Face directory: safetensors weights (zeros stored), config, tokenizer."""
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+FORMATS: dict[str, Writer] = {"dense": _write_dense}
+
+
+def register_format(name: str, writer: Writer) -> None:
+    """Make ``writer`` available as ``--save-format name``."""
+    if name in FORMATS:
+        raise ValueError(f"output format {name!r} is already registered")
+    FORMATS[name] = writer
+
+
+def _write_report(path: Path, report: Any) -> None:
+    if hasattr(report, "save"):
+        report.save(path)
+    else:
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _replace(staging: Path, output: Path) -> None:
+    if output.exists():
+        # Move the old directory aside first so the rename below cannot fail half-way.
+        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)
+
 
 def save_model(
-    model: nn.Module, tokenizer: object | None, reports: dict[str, dict], output: str | Path
+    model: nn.Module,
+    tokenizer: Any,
+    output: str | Path,
+    *,
+    save_format: str = "dense",
+    reports: dict[str, Any] | None = None,
 ) -> Path:
-    """Save model (safetensors), tokenizer and JSON ``reports`` (file name -> content) into
-    ``output``, replacing it whole.
-
-    Nothing appears at ``output`` until everything is written, so a crash never leaves a
-    half-written model behind.
-    """
+    """Save ``model`` and ``tokenizer`` in ``save_format`` plus ``reports`` (file name -> an
+    object with ``save(path)``, or JSON-able data) into ``output``, replacing it whole."""
+    writer = FORMATS[save_format]
     output = Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for name, content in reports.items():
-            (staging / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
-        if output.exists():
-            # Move the old directory aside first so the rename below cannot fail half-way.
-            retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output)
+        writer(model, tokenizer, staging)
+        for name, report in (reports or {}).items():
+            _write_report(staging / name, report)
+        _replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from conftest import tiny_model
 
 from sparsellm import prune_model
-from sparsellm.engine import collect_statistics, write_solution
+from sparsellm.pruners.layerwise import collect_statistics, write_solution
 from sparsellm.guard import DivergenceError
 from sparsellm.models import get_adapter, linear_weight
 from sparsellm.report import BlockResult
@@ -29,17 +30,40 @@ def destroying_pruner(job) -> BlockResult:
     return BlockResult(layers=rows, dense_outputs=dense)
 
 
-@pytest.fixture
-def broken_method(monkeypatch):
-    import sparsellm.api
+@contextlib.contextmanager
+def registered(name: str, pruner):
+    """A calibration-based method named ``name`` whose block pruner is ``pruner``."""
+    from sparsellm.pruners import Method, register, unregister
+    from sparsellm.pruners.wanda import WandaOptions
 
-    monkeypatch.setattr(sparsellm.api, "block_pruner", lambda method, options: destroying_pruner)
+    register(Method(name, "test method", True, WandaOptions, lambda options: pruner))
+    try:
+        yield
+    finally:
+        unregister(name)
+
+
+@pytest.fixture
+def broken_method():
+    with registered("broken", destroying_pruner):
+        yield "broken"
+
+
+@pytest.fixture
+def broken_sparsegpt(monkeypatch):
+    """SparseGPT itself broken: the method that has no fallback."""
+    import dataclasses
+
+    from sparsellm.pruners import METHODS
+
+    broken = dataclasses.replace(METHODS["sparsegpt"], build=lambda options: destroying_pruner)
+    monkeypatch.setitem(METHODS, "sparsegpt", broken)
 
 
 def test_a_diverging_block_is_redone_with_sparsegpt(broken_method, calibration_ids):
     model = tiny_model("llama")
     report = prune_model(
-        model, method="wanda", sparsity=0.5, calibration=calibration_ids, progress=False
+        model, method=broken_method, sparsity=0.5, calibration=calibration_ids, progress=False
     )
     for block in report.blocks:
         assert block["fallback"]["kept"] == "fallback"
@@ -50,11 +74,12 @@ def test_a_diverging_block_is_redone_with_sparsegpt(broken_method, calibration_i
     assert all(layer.relative_error is not None for layer in report.layers)  # SparseGPT's rows
 
 
-def test_fallback_result_equals_a_sparsegpt_run(broken_method, calibration_ids, monkeypatch):
+def test_fallback_result_equals_a_sparsegpt_run(broken_method, calibration_ids):
     dense = tiny_model("llama")
     model = copy.deepcopy(dense)
-    prune_model(model, method="wanda", sparsity=0.5, calibration=calibration_ids, progress=False)
-    monkeypatch.undo()
+    prune_model(
+        model, method=broken_method, sparsity=0.5, calibration=calibration_ids, progress=False
+    )
     reference = copy.deepcopy(dense)
     prune_model(
         reference, method="sparsegpt", sparsity=0.5, calibration=calibration_ids, progress=False
@@ -65,7 +90,7 @@ def test_fallback_result_equals_a_sparsegpt_run(broken_method, calibration_ids, 
         assert torch.equal(a, b), name
 
 
-def test_divergence_without_fallback_stops_with_one_line(broken_method, calibration_ids):
+def test_divergence_without_fallback_stops_with_one_line(broken_sparsegpt, calibration_ids):
     model = tiny_model("llama")
     with pytest.raises(DivergenceError, match=r"model\.layers\.0: pruned block output error"):
         prune_model(
@@ -73,7 +98,7 @@ def test_divergence_without_fallback_stops_with_one_line(broken_method, calibrat
         )
 
 
-def test_no_guard_keeps_going_and_says_so(broken_method, calibration_ids):
+def test_no_guard_keeps_going_and_says_so(broken_sparsegpt, calibration_ids):
     model = tiny_model("llama")
     report = prune_model(
         model,
@@ -88,7 +113,7 @@ def test_no_guard_keeps_going_and_says_so(broken_method, calibration_ids):
 
 
 def test_cli_divergence_exits_1_with_one_line_and_writes_nothing(
-    broken_method, model_dir, tmp_path, capsys
+    broken_sparsegpt, model_dir, tmp_path, capsys
 ):
     from sparsellm.cli import main
 
@@ -128,27 +153,26 @@ def test_guard_changes_nothing_on_a_healthy_run(calibration_ids):
     assert len(report.blocks) == len(blocks)
 
 
-def test_a_numerical_failure_is_redone_with_sparsegpt(monkeypatch, calibration_ids):
-    import sparsellm.api
+def test_a_numerical_failure_is_redone_with_sparsegpt(calibration_ids):
     from sparsellm.solvers import NumericalError
 
     def failing(job):
         raise NumericalError("solver produced NaN")
 
-    monkeypatch.setattr(sparsellm.api, "block_pruner", lambda method, options: failing)
-    report = prune_model(
-        tiny_model("llama"), method="wanda", sparsity=0.5, calibration=calibration_ids
-    )
+    with registered("failing", failing):
+        report = prune_model(
+            tiny_model("llama"), method="failing", sparsity=0.5, calibration=calibration_ids
+        )
     assert [b["fallback"]["kept"] for b in report.blocks] == ["fallback"] * 2
     assert "numerical failure (solver produced NaN)" in report.blocks[0]["fallback"]["why"]
 
 
 def test_guard_setting_is_validated_and_parsed():
     from sparsellm.cli import build_parser
-    from sparsellm.config import ConfigError, PruneConfig, validate_prune
+    from sparsellm.config import ConfigError, prune_config
 
     with pytest.raises(ConfigError, match="guard must be true or false, got 'yes'"):
-        validate_prune(PruneConfig(guard="yes"), require_io=False)
+        prune_config({"guard": "yes"}, require_io=False)
     args = build_parser().parse_args(["prune", "--model", "m", "--no-guard"])
     assert args.guard is False
     assert build_parser().parse_args(["prune", "--model", "m"]).guard is None  # recipe decides

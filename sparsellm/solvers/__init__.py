@@ -1,12 +1,11 @@
-"""Pruning solvers, looked up by method name.
+"""Per-layer pruning math: pure tensor functions, no modules, hooks or devices.
 
-Adding a method means adding one file with a pure function and one entry in ``SOLVERS``.
+Each solver takes one weight ``[out, in]`` (float32), its input statistics and a target, plus
+its own keyword options, and returns a :class:`SolveResult`. The block-level methods that use
+them are declared in :mod:`sparsellm.pruners`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from sparsellm.solvers.base import (
     LayerStatistics,
@@ -20,45 +19,15 @@ from sparsellm.solvers.magnitude import magnitude
 from sparsellm.solvers.sparsegpt import obs_prune, sparsegpt
 from sparsellm.solvers.wanda import wanda
 
-
-@dataclass(frozen=True)
-class SolverSpec:
-    """A method: its per-layer function and the statistic it needs."""
-
-    name: str
-    solve: Callable[..., SolveResult]
-    statistic: Statistic
-
-
-SOLVERS: dict[str, SolverSpec] = {
-    spec.name: spec
-    for spec in (
-        SolverSpec("magnitude", magnitude, Statistic.NONE),
-        SolverSpec("wanda", wanda, Statistic.NORMS),
-        SolverSpec("sparsegpt", sparsegpt, Statistic.HESSIAN),
-    )
-}
-
-
-def get_solver(name: str) -> SolverSpec:
-    """The solver registered as ``name``; ``ValueError`` listing the known ones otherwise."""
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown method {name!r}; choose one of: {', '.join(sorted(SOLVERS))}"
-        ) from None
-
-
 __all__ = [
-    "SOLVERS",
     "LayerStatistics",
     "NumericalError",
     "SolveResult",
-    "SolverSpec",
     "Statistic",
-    "get_solver",
     "inverse_hessian_cholesky",
+    "magnitude",
     "obs_prune",
     "relative_output_error",
+    "sparsegpt",
+    "wanda",
 ]

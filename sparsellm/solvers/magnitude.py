@@ -9,7 +9,7 @@ from sparsellm.solvers.base import LayerStatistics, SolveResult
 
 
 def magnitude(
-    weight: torch.Tensor, stats: LayerStatistics | None, target: SparsityTarget, **_: object
+    weight: torch.Tensor, stats: LayerStatistics | None, target: SparsityTarget
 ) -> SolveResult:
     """Zero the smallest magnitudes, layer-wide top-k (or per N:M group)."""
     mask = select_mask(weight.abs(), target)

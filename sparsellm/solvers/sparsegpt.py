@@ -22,7 +22,6 @@ def sparsegpt(
     *,
     blocksize: int = 128,
     dampening: float = 0.01,
-    **_: object,
 ) -> SolveResult:
     """Prune ``weight`` [out, in] to ``target`` given the input Gram matrix ``stats.hessian``."""
     return obs_prune(weight, stats.hessian, target, blocksize=blocksize, dampening=dampening)

@@ -1,4 +1,4 @@
-"""The SparseLLM block pruner: attention by SparseGPT, then the feed-forward layers jointly.
+"""``sparsellm``: attention by SparseGPT, then the feed-forward layers jointly (SparseLLM).
 
 Per block:
 
@@ -17,16 +17,47 @@ Per block:
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from sparsellm.distributed import all_reduce_sum_, broadcast_, world
-from sparsellm.engine import BlockJob, BlockPruner, collect_statistics, solve_layers, write_solution
+from sparsellm.engine import BlockJob, BlockPruner
 from sparsellm.layout import Layout, check_layout
+from sparsellm.masks import SparsityTarget
 from sparsellm.models import FeedForward, linear_weight
+from sparsellm.pruners.layerwise import collect_statistics, solve_layers, write_solution
+from sparsellm.pruners.registry import Method
+from sparsellm.pruners.sparsegpt import BLOCKSIZE_HELP, DAMPENING_HELP, SparseGPTOptions
 from sparsellm.report import BlockResult
-from sparsellm.solvers import LayerStatistics, Statistic, get_solver
+from sparsellm.settings import setting
+from sparsellm.solvers import LayerStatistics, Statistic, sparsegpt
 from sparsellm.solvers.sparsellm import FFNSolveResult, sparsellm_ffn
+
+CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes over the data
+
+
+@dataclass
+class SparseLLMOptions:
+    """Settings of the joint FFN solve (and of SparseGPT for the other layers)."""
+
+    dampening: float = setting(0.01, DAMPENING_HELP, "non_negative_number")
+    blocksize: int = setting(128, BLOCKSIZE_HELP, "positive_int")
+    epochs: int = setting(1, "alternation epochs of the joint FFN solve", "non_negative_int")
+    alpha: float | None = setting(
+        None, "penalty α of the joint FFN solve (default: automatic)", "positive_number"
+    )
+    beta: float | None = setting(
+        None, "penalty β of the joint FFN solve (default: automatic)", "positive_number"
+    )
+    gamma: float | None = setting(
+        None, "penalty γ of the joint FFN solve (default: automatic)", "positive_number"
+    )
+
+    def check(self, target: SparsityTarget) -> None:
+        SparseGPTOptions(self.dampening, self.blocksize).check(target)
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
@@ -65,7 +96,11 @@ def _layout(job: BlockJob) -> Layout:
 
 
 def _solve_ffn(
-    job: BlockJob, ffn: FeedForward, X: torch.Tensor, target: torch.Tensor, options: dict
+    job: BlockJob,
+    ffn: FeedForward,
+    X: torch.Tensor,
+    target: torch.Tensor,
+    options: SparseLLMOptions,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], FFNSolveResult]:
     """The joint FFN solve: the original weights by layer name and the new ones."""
     originals = {
@@ -91,11 +126,15 @@ def _solve_ffn(
             gate=gate_weight,
             gate_bias=gate_bias,
             activation=ffn.activation,
+            epochs=options.epochs,
+            alpha=options.alpha,
+            beta=options.beta,
+            gamma=options.gamma,
+            chunk_size=CHUNK_TOKENS,
             device=job.options.device,
-            dampening=job.options.dampening,
-            blocksize=job.options.blocksize,
+            dampening=options.dampening,
+            blocksize=options.blocksize,
             reduce=all_reduce_sum_ if world()[1] > 1 else None,
-            **options,
         )
     new = {ffn.up: result.up, ffn.down: result.down}
     if ffn.gate:
@@ -135,23 +174,18 @@ def _figures(layout: Layout, result: FFNSolveResult) -> dict:
     }
 
 
-def sparsellm_pruner(
-    epochs: int = 1,
-    alpha: float | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    chunk_size: int = 2048,
-) -> BlockPruner:
-    """Block pruner for ``method="sparsellm"`` with the given solver options."""
-    sparsegpt = get_solver("sparsegpt")
-    options = dict(epochs=epochs, alpha=alpha, beta=beta, gamma=gamma, chunk_size=chunk_size)
+def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
+    """Block pruner for ``method="sparsellm"`` with the given options."""
+    local_solve = functools.partial(
+        sparsegpt, blocksize=options.blocksize, dampening=options.dampening
+    )
 
     def prune_block(job: BlockJob) -> BlockResult:
         layout = _layout(job)
         ffn = layout.ffn
         local = {n: m for n, m in job.layers.items() if ffn is None or n not in ffn.names}
         stats, dense_out = collect_statistics(job, local, Statistic.HESSIAN, keep_outputs=True)
-        rows = solve_layers(job, local, stats, sparsegpt)
+        rows = solve_layers(job, local, stats, local_solve)
         if ffn is None:
             return BlockResult(
                 layers=rows, path="layerwise", reason=layout.reason, dense_outputs=dense_out
@@ -182,3 +216,12 @@ def sparsellm_pruner(
         )
 
     return prune_block
+
+
+METHOD = Method(
+    name="sparsellm",
+    summary="global: attention by SparseGPT, the FFN jointly through auxiliary variables",
+    needs_calibration=True,
+    options=SparseLLMOptions,
+    build=sparsellm_pruner,
+)
