@@ -1,5 +1,9 @@
-"""The one base class for problems with what the user asked for (CLI exit code 2)."""
+"""The toolkit's own exception classes: bad input (CLI exit code 2) and failed numerics."""
 
 
 class UserError(ValueError):
     """Bad input: a setting, path, data source or model the toolkit cannot work with."""
+
+
+class NumericalError(RuntimeError):
+    """A solve that could not be completed with finite numbers."""

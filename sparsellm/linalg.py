@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from sparsellm.errors import NumericalError
+
 GRAM_BLOCK = 256
+
+# The damping rule of every damped Cholesky factorisation (:func:`damped_cholesky`).
+# A requested damping of 0 starts here instead: an exactly singular Gram can "factor" in
+# floating point and give an inverse of rounding noise, so some damping is always applied.
+# With the retries below the last try is then 0.1, the ceiling both earlier rules reached.
+DAMPING_FLOOR = 1e-7
+# Tenfold increases after a failed factorisation, before giving up.
+DAMPING_RETRIES = 6
 
 
 def gram_blocks(size: int, block: int = GRAM_BLOCK) -> list[tuple[int, int]]:
@@ -30,3 +42,46 @@ def mirror_upper(gram: torch.Tensor, blocks: list[tuple[int, int]]) -> None:
     for bi, (i0, i1) in enumerate(blocks):
         for j0, j1 in blocks[bi + 1 :]:
             gram[j0:j1, i0:i1] = gram[i0:i1, j0:j1].T
+
+
+def sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm as a float64 scalar (one fused reduction, no temporary)."""
+    return torch.linalg.vector_norm(x).to(torch.float64).square()
+
+
+class DampedCholesky(NamedTuple):
+    """Result of :func:`damped_cholesky`."""
+
+    factor: torch.Tensor  # lower L with L Lᵀ = H + fraction·mean(diag H)·I, in H's dtype
+    fraction: float  # the damping fraction that was used
+    retries: int  # how often the damping was raised before the factorisation succeeded
+
+
+def damped_cholesky(
+    gram: torch.Tensor, dampening: float, *, max_retries: int = DAMPING_RETRIES
+) -> DampedCholesky:
+    """Lower Cholesky factor of ``H + λ·mean(diag H)·I``, the one damping rule of every solver.
+
+    λ starts at ``dampening`` (:data:`DAMPING_FLOOR` when that is 0) and grows tenfold after
+    each failed factorisation, at most ``max_retries`` times. A mean diagonal that is not
+    positive (a zero or broken Gram) is taken as 1 so that the damping still adds something.
+    The factorisation runs in ``gram``'s dtype: callers choose float64 where they can afford it.
+
+    Raises:
+        NumericalError: ``gram`` holds NaN/Inf, or no damping of the schedule made it factor
+            (the message names the last damping tried).
+    """
+    if not torch.isfinite(gram).all():
+        raise NumericalError("Gram matrix to factor contains NaN or Inf")
+    mean = gram.diagonal().mean()
+    if not mean > 0:
+        mean = torch.ones((), dtype=gram.dtype, device=gram.device)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    fraction = dampening if dampening > 0 else DAMPING_FLOOR
+    for retries in range(max_retries + 1):
+        if retries:
+            fraction *= 10
+        factor, failed = torch.linalg.cholesky_ex(gram + fraction * mean * eye)
+        if not failed:
+            return DampedCholesky(factor, fraction, retries)
+    raise NumericalError(f"Gram matrix not positive definite even with damping {fraction:g}")

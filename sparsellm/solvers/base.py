@@ -12,6 +12,11 @@ from enum import Enum
 
 import torch
 
+# NumericalError lives in sparsellm.errors so that sparsellm.linalg can raise it without an
+# import cycle; solvers and their callers keep importing it from here.
+from sparsellm.errors import NumericalError
+from sparsellm.linalg import DAMPING_RETRIES, damped_cholesky
+
 
 class Statistic(Enum):
     """What a solver needs to see of a layer's calibration inputs."""
@@ -41,31 +46,24 @@ class SolveResult:
     extra: dict = field(default_factory=dict)
 
 
-class NumericalError(RuntimeError):
-    """A solve that could not be completed with finite numbers."""
-
-
 def inverse_hessian_cholesky(
-    hessian: torch.Tensor, dampening: float, max_retries: int = 6
+    hessian: torch.Tensor, dampening: float, max_retries: int = DAMPING_RETRIES
 ) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor ``U`` of ``(H + λ·mean(diag H)·I)⁻¹`` (so ``H⁻¹ = Uᵀ U``).
 
-    On a failed factorisation the damping grows tenfold and the retry count is returned, so the
-    caller can report it; an identity is never substituted.
+    Returns ``U`` (float32), the damping fraction λ used and how often the damping had to be
+    raised (:func:`~sparsellm.linalg.damped_cholesky`'s rule), so the caller can report it; an
+    identity is never substituted. Factorised in float64 up to 4096 columns (larger Grams
+    would cost too much memory and time in float64).
     """
     H = hessian.to(torch.float64) if hessian.shape[0] <= 4096 else hessian
-    mean_diag = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    fraction = dampening
-    for attempt in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + fraction * mean_diag * eye)
-        if info == 0:
-            inverse = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0 and torch.isfinite(U).all():
-                return U.to(torch.float32), fraction, attempt
-        fraction = fraction * 10 if fraction > 0 else 1e-6
-    raise NumericalError(f"Hessian not positive definite even with damping {fraction:g}")
+    L, fraction, retries = damped_cholesky(H, dampening, max_retries=max_retries)
+    U, failed = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if failed or not torch.isfinite(U).all():
+        raise NumericalError(
+            f"inverse of the damped Hessian (damping {fraction:g}) has no Cholesky factor"
+        )
+    return U.to(torch.float32), fraction, retries
 
 
 def relative_output_error(

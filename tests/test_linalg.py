@@ -1,0 +1,55 @@
+"""The one damped-Cholesky rule every solver uses (sparsellm.linalg.damped_cholesky)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsellm.errors import NumericalError
+from sparsellm.linalg import DAMPING_FLOOR, DAMPING_RETRIES, damped_cholesky
+from sparsellm.solvers import NumericalError as SolversNumericalError
+
+
+def spd(size: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3 * size, size, generator=g, dtype=torch.float64)
+    return a.T @ a
+
+
+def test_no_retry_gives_exactly_the_direct_factor():
+    H = spd()
+    factor, fraction, retries = damped_cholesky(H, 0.01)
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    direct = torch.linalg.cholesky(H + 0.01 * H.diagonal().mean() * eye)
+    assert retries == 0 and fraction == 0.01
+    assert torch.equal(factor, direct)
+
+
+def test_each_retry_raises_the_damping_tenfold():
+    # Indefinite: eigenvalues 3, 3 and -3; λ·mean(diag) = λ must exceed 3 before it factors.
+    H = torch.diag(torch.tensor([3.0, 3.0, -3.0], dtype=torch.float64))
+    factor, fraction, retries = damped_cholesky(H, 0.01)
+    assert retries == 3 and fraction == pytest.approx(10.0)  # 0.01 → 0.1 → 1 → 10
+    torch.testing.assert_close(factor @ factor.T, H + 10.0 * torch.eye(3, dtype=H.dtype))
+
+
+def test_zero_dampening_starts_at_the_floor():
+    _, fraction, retries = damped_cholesky(spd(), 0.0)
+    assert (fraction, retries) == (DAMPING_FLOOR, 0)
+
+
+def test_a_matrix_that_never_factors_raises_naming_the_last_damping():
+    # Negative mean diagonal: the guard takes it as 1, so λ ≤ 0.01·10⁶ never lifts -10⁶.
+    H = -1e6 * torch.eye(4, dtype=torch.float64)
+    last = 0.01 * 10**DAMPING_RETRIES
+    with pytest.raises(NumericalError, match=f"damping {last:g}"):
+        damped_cholesky(H, 0.01)
+    with pytest.raises(SolversNumericalError):  # the same class, re-exported by the solvers
+        damped_cholesky(H, 0.01, max_retries=1)
+
+
+def test_non_finite_gram_raises_at_once():
+    H = spd()
+    H[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="NaN"):
+        damped_cholesky(H, 0.01)
