@@ -19,6 +19,21 @@ from sparsellm.models.linear import is_linear, linear_weight
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
+def ffn_hidden(
+    activation: Activation, gate_pre: torch.Tensor | None, up_pre: torch.Tensor
+) -> torch.Tensor:
+    """The FFN's hidden activation from its pre-activations: ``act(gate_pre) * up_pre`` for a
+    gated FFN, ``act(up_pre)`` for a plain one (``gate_pre`` None).
+
+    The one definition of what an FFN computes between its projections: both
+    :meth:`FeedForward.forward` and the SparseLLM solver (its ``σ(s, z)``) call it, so the
+    wiring check, the propagation and the solver cannot disagree about it.
+    """
+    if gate_pre is None:
+        return activation(up_pre)
+    return activation(gate_pre) * up_pre
+
+
 @dataclass(frozen=True)
 class FeedForward:
     """Names (relative to a block) of the feed-forward layers and its activation.
@@ -67,12 +82,10 @@ class FeedForward:
             rows = x[start : start + chunk].float()
             if self.fused_gate_up:
                 gate, up = self.split_fused(affine(rows, self.up), dim=-1)
-                hidden = self.activation(gate) * up
-            elif self.gate:
-                hidden = self.activation(affine(rows, self.gate)) * affine(rows, self.up)
             else:
-                hidden = self.activation(affine(rows, self.up))
-            parts.append(affine(hidden, self.down))
+                gate = affine(rows, self.gate) if self.gate else None
+                up = affine(rows, self.up)
+            parts.append(affine(ffn_hidden(self.activation, gate, up), self.down))
         return torch.cat(parts)
 
 
