@@ -8,8 +8,15 @@ import torch.nn.functional as F
 
 from sparsellm.masks import SparsityTarget, is_valid_nm, prune_counts
 from sparsellm.solvers import NumericalError, obs_prune
-from sparsellm.solvers import sparsellm as sl
 from sparsellm.solvers.sparsellm import sparsellm_ffn
+from sparsellm.solvers.sparsellm.activations import BUILTIN
+from sparsellm.solvers.sparsellm.auxiliaries import (
+    newton_step,
+    p_system,
+    p_update,
+    relu_branches,
+    z_given_gate,
+)
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -59,7 +66,7 @@ def test_p_update_is_the_exact_minimiser():
     sig = torch.randn(tokens, f, generator=g)
     T = torch.randn(tokens, d, generator=g)
     beta, gamma = 0.7, 2.3
-    p, q, r_sq = sl._p_update(sig, T, W2, sl._p_system(W2, gamma / beta))
+    p, q, r_sq = p_update(sig, T, W2, p_system(W2, gamma / beta))
     # Brute force: (βW2ᵀW2 + γI) pᵀ = βW2ᵀTᵀ + γσᵀ in float64.
     A = beta * W2.double().T @ W2.double() + gamma * torch.eye(f, dtype=torch.float64)
     rhs = beta * W2.double().T @ T.double().T + gamma * sig.double().T
@@ -83,7 +90,7 @@ def test_relu_z_update_matches_a_fine_grid():
     m = 2 * torch.randn(400, generator=g, dtype=torch.float64)
     p = 2 * torch.randn(400, generator=g, dtype=torch.float64)
     w = 0.6
-    z = sl._relu_branches(m, w, p, None)
+    z = relu_branches(m, w, p, None)
 
     def phi(x):
         return w * (x - m) ** 2 + (p - torch.relu(x)) ** 2
@@ -98,7 +105,7 @@ def test_relu_gate_update_matches_a_fine_grid():
     p = 2 * torch.randn(400, generator=g, dtype=torch.float64)
     k = torch.randn(400, generator=g, dtype=torch.float64)
     w = 1.7
-    s = sl._relu_branches(n, w, p, k)
+    s = relu_branches(n, w, p, k)
 
     def phi(x):
         return w * (x - n) ** 2 + (p - k * torch.relu(x)) ** 2
@@ -112,7 +119,7 @@ def test_gated_z_update_is_the_exact_minimiser():
     m, p, s = (torch.randn(400, generator=g, dtype=torch.float64) for _ in range(3))
     gate = F.silu(s)
     w = 0.4
-    z = sl._z_given_gate(m, gate, p, w)
+    z = z_given_gate(m, gate, p, w)
 
     def phi(x):
         return w * (x - m) ** 2 + (p - gate * x) ** 2
@@ -147,7 +154,7 @@ def test_newton_step_never_increases_and_converges_to_the_autograd_minimiser(nam
     """The s update (gated) and the smooth z update (plain FFN) of one element each."""
     g = torch.Generator().manual_seed(5)
     size = 500
-    act = sl._BUILTIN[name]
+    act = BUILTIN[name]
     c = torch.randn(size, generator=g, dtype=torch.float64)
     p = torch.randn(size, generator=g, dtype=torch.float64)
     k = torch.randn(size, generator=g, dtype=torch.float64) if gated else None
@@ -162,7 +169,7 @@ def test_newton_step_never_increases_and_converges_to_the_autograd_minimiser(nam
     before = phi(x)
     first_step_gain = None
     for _ in range(40):
-        x, fx = sl._newton_step(x, fx, act, c, w, p, k)
+        x, fx = newton_step(x, fx, act, c, w, p, k)
         after = phi(x)
         # Per element, every step (up to rounding: the step evaluates act its own way).
         assert (after <= before * (1 + 1e-12) + 1e-15).all()
@@ -186,7 +193,7 @@ def test_newton_step_never_increases_and_converges_to_the_autograd_minimiser(nam
 
 @pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
 def test_activation_derivatives_match_autograd(name):
-    act = sl._BUILTIN[name]
+    act = BUILTIN[name]
     x = torch.linspace(-8, 8, 1001, dtype=torch.float64, requires_grad=True)
     value = act.fn(x)
     (d1,) = torch.autograd.grad(value.sum(), x, create_graph=True)

@@ -1,0 +1,255 @@
+""":func:`sparsellm_ffn`: checks the arguments, builds the problem and runs the stages."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from sparsellm.linalg import gram_blocks
+from sparsellm.masks import SparsityTarget, is_valid_nm, prune_counts
+from sparsellm.solvers.sparsellm.activations import ActivationLike, resolve_activation
+from sparsellm.solvers.sparsellm.stages import (
+    dense_pass,
+    final_down_fit,
+    initial_pruning,
+    run_epoch,
+)
+from sparsellm.solvers.sparsellm.state import (
+    FFNProblem,
+    FFNSolveResult,
+    FFNState,
+    Penalties,
+    ProgressFn,
+    ReduceFn,
+    SolveLog,
+    check_finite,
+)
+
+Requested = tuple[float | None, float | None, float | None]  # alpha, beta, gamma as given
+
+
+def sparsellm_ffn(
+    X: Tensor,
+    Y: Tensor,
+    up: Tensor,
+    up_bias: Tensor | None,
+    down: Tensor,
+    down_bias: Tensor | None,
+    target: SparsityTarget,
+    *,
+    gate: Tensor | None = None,
+    gate_bias: Tensor | None = None,
+    activation: ActivationLike,
+    epochs: int = 1,
+    alpha: float | None = None,
+    beta: float | None = None,
+    gamma: float | None = None,
+    chunk_size: int = 2048,
+    device: torch.device | str | None = None,
+    dampening: float = 0.01,
+    blocksize: int = 128,
+    progress: ProgressFn | None = None,
+    reduce: ReduceFn | None = None,
+) -> FFNSolveResult:
+    """Prune a feed-forward block's up (and gate) and down projections jointly (SparseLLM).
+
+    Args:
+        X, Y: ``[N, d]`` FFN inputs and target outputs (down bias included; usually the dense
+            output), tokens as rows, any float dtype (computed in float32).
+        up, up_bias, down, down_bias: W1 ``[f, d]`` and b1 ``[f]`` (the only input projection
+            of a plain FFN), W2 ``[d, f]`` and b2 ``[d]``.
+        target: sparsity (unstructured, exact count per matrix) or N:M for every weight.
+        gate, gate_bias: Wg ``[f, d]``, bg ``[f]`` of a gated FFN, which computes
+            ``act(X Wgᵀ + bg) ⊙ (X W1ᵀ + b1)``; without them the FFN is ``act(X W1ᵀ + b1)``.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` (aliases ``gelu_new``,
+            ``gelu_pytorch_tanh``), ``"silu"``, or an elementwise callable.
+        epochs: alternation rounds after the initial pruning (0 = sequential SparseGPT with a
+            final down-projection fit on the pruned activations).
+        alpha, beta, gamma: penalties; ``None`` = automatic (each term divided by its dense scale).
+        chunk_size, device: tokens per block of a pass; where to compute (z, s stay on X's).
+        dampening, blocksize: Gram damping (fraction of the mean diagonal); OBS column block.
+        progress: called with a dict after each stage.
+        reduce: for tokens sharded across processes, an in-place all-reduce sum; every token
+            sum goes through it, so each process solves the problem of all tokens.
+
+    Returns:
+        :class:`FFNSolveResult` with float32 weights on ``up``'s device.
+
+    Raises:
+        ValueError: shapes, settings or activation name that do not fit.
+        NumericalError: non-finite inputs or a solve that produced NaN/Inf.
+    """
+    log = SolveLog(progress)  # started now: the seconds include the checks
+    problem = _build_problem(
+        X, Y, up, up_bias, down, down_bias, target, gate, gate_bias, activation,
+        epochs=epochs, requested=(alpha, beta, gamma), chunk_size=chunk_size, device=device,
+        dampening=dampening, blocksize=blocksize, reduce=reduce,
+    )  # fmt: skip
+    state, output_error = _run_stages(problem, log, epochs, (alpha, beta, gamma))
+    return _result(problem, state, log, output_error, out_device=up.device)
+
+
+def _build_problem(
+    X: Tensor,
+    Y: Tensor,
+    up: Tensor,
+    up_bias: Tensor | None,
+    down: Tensor,
+    down_bias: Tensor | None,
+    target: SparsityTarget,
+    gate: Tensor | None,
+    gate_bias: Tensor | None,
+    activation: ActivationLike,
+    *,
+    epochs: int,
+    requested: Requested,
+    chunk_size: int,
+    device: torch.device | str | None,
+    dampening: float,
+    blocksize: int,
+    reduce: ReduceFn | None,
+) -> FFNProblem:
+    """Check every argument, then hold the weights as float32 on the work device."""
+    act = resolve_activation(activation)
+    _check_shapes(X, Y, up, up_bias, down, down_bias, gate, gate_bias)
+    _check_settings(X.shape[0], epochs, chunk_size, requested)
+    dev = torch.device(device) if device is not None else X.device
+    tensors = {"X": X, "Y": Y, "up": up, "down": down, "gate": gate}
+    tensors |= {"up_bias": up_bias, "down_bias": down_bias, "gate_bias": gate_bias}
+    for name, t in tensors.items():
+        check_finite(name, t)
+
+    def on_dev(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(dev, torch.float32)
+
+    N = X.shape[0]
+    return FFNProblem(
+        X=X,
+        Y=Y,
+        dense_up=on_dev(up),
+        dense_down=on_dev(down),
+        dense_gate=on_dev(gate),
+        up_bias=on_dev(up_bias),
+        down_bias=on_dev(down_bias),
+        gate_bias=on_dev(gate_bias),
+        act=act,
+        target=target,
+        device=dev,
+        chunks=[(i, min(i + chunk_size, N)) for i in range(0, N, chunk_size)],
+        hidden_blocks=gram_blocks(up.shape[0]),
+        dampening=dampening,
+        blocksize=blocksize,
+        reduce=reduce,
+    )
+
+
+def _check_shapes(
+    X: Tensor,
+    Y: Tensor,
+    up: Tensor,
+    up_bias: Tensor | None,
+    down: Tensor,
+    down_bias: Tensor | None,
+    gate: Tensor | None,
+    gate_bias: Tensor | None,
+) -> None:
+    if X.dim() != 2 or Y.shape != X.shape:
+        raise ValueError(f"X and Y must both be [N, d]; got {tuple(X.shape)}, {tuple(Y.shape)}")
+    d = X.shape[1]
+    f = up.shape[0]
+    gated = gate is not None
+    if up.shape != (f, d) or down.shape != (d, f) or (gated and gate.shape != (f, d)):
+        raise ValueError(
+            f"weights do not match d={d}: up {tuple(up.shape)}, down {tuple(down.shape)}"
+            + (f", gate {tuple(gate.shape)}" if gated else "")
+        )
+    for name, b, size in (
+        ("up_bias", up_bias, f),
+        ("gate_bias", gate_bias, f),
+        ("down_bias", down_bias, d),
+    ):
+        if b is not None and b.shape != (size,):
+            raise ValueError(f"{name} must have shape [{size}], got {tuple(b.shape)}")
+    if gate_bias is not None and not gated:
+        raise ValueError("gate_bias given without gate")
+
+
+def _check_settings(tokens: int, epochs: int, chunk_size: int, requested: Requested) -> None:
+    if epochs < 0 or chunk_size < 1 or tokens < 1:
+        raise ValueError("epochs must be >= 0, chunk_size >= 1 and X non-empty")
+    for name, v in zip(("alpha", "beta", "gamma"), requested, strict=True):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {v}")
+
+
+def _run_stages(
+    problem: FFNProblem, log: SolveLog, epochs: int, requested: Requested
+) -> tuple[FFNState, float]:
+    """Init pass, initial pruning, the epochs and the final down fit, each timed and reported.
+
+    Returns the final state and the relative output error of its weights.
+    """
+    started = time.perf_counter()
+    dense = dense_pass(problem, epochs)
+    penalties = Penalties.resolve(*requested, dense.scales, problem.gated)
+    log.timed("init_pass", started)
+    log.report("init")
+
+    started = time.perf_counter()
+    state = initial_pruning(problem, dense, penalties, log)
+    del dense  # its f × f Gram of the dense activation is not needed again
+    log.timed("init_solve", started)
+    log.report("epoch", epoch=0, total=log.history[-1]["total"])
+
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        run_epoch(problem, state, log, epoch, last=epoch == epochs)
+        log.timed(f"epoch_{epoch}", started)
+        log.report("epoch", epoch=epoch, total=log.history[-1]["total"])
+
+    started = time.perf_counter()
+    output_error = final_down_fit(problem, state, log, epochs + 1)
+    log.timed("final", started)
+    log.timed("total", log.started)
+    log.info["output_error_denominator"] = "sum of squares of Y"
+    log.report("final", output_error=output_error)
+    return state, output_error
+
+
+def _result(
+    problem: FFNProblem,
+    state: FFNState,
+    log: SolveLog,
+    output_error: float,
+    out_device: torch.device,
+) -> FFNSolveResult:
+    """The final weights on ``out_device`` with the record, after checking their sparsity."""
+    _check_sparsity("up", state.up, problem.target)
+    _check_sparsity("down", state.down, problem.target)
+    if problem.gated:
+        _check_sparsity("gate", state.gate, problem.target)
+    penalties = state.penalties
+    return FFNSolveResult(
+        up=state.up.to(out_device),
+        down=state.down.to(out_device),
+        gate=state.gate.to(out_device) if problem.gated else None,
+        history=log.history,
+        output_error=output_error,
+        alpha_up=penalties.alpha_up,
+        alpha_gate=penalties.alpha_gate,
+        beta=penalties.beta,
+        gamma=penalties.gamma,
+        info=log.info,
+    )
+
+
+def _check_sparsity(name: str, W: Tensor, target: SparsityTarget) -> None:
+    if target.is_nm:
+        ok = is_valid_nm(W, target.n, target.m)
+    else:
+        ok = int((W == 0).sum()) >= int(prune_counts([W.numel()], target.sparsity)[0])
+    if not ok:
+        raise RuntimeError(f"{name} misses the sparsity target {target} (solver bug)")

@@ -1,0 +1,375 @@
+"""The stages of one SparseLLM solve, in the order :func:`.solve.sparsellm_ffn` runs them.
+
+    init      :func:`dense_pass`: one pass with the dense weights: z, s := dense
+              pre-activations, so with ``p := σ(s, z)`` every term is 0; ``H = XᵀX``; term
+              scales. :func:`initial_pruning`: W1, Wg, W2 := sparse LS fits of that state
+              (SparseGPT on dense inputs, plus the CG refit of :mod:`.weights`).
+    epoch k   :func:`run_epoch`: one pass: true output error of the current weights; p (exact),
+              then z, s per element (:mod:`.auxiliaries`); Grams of the new auxiliaries. Then
+              W1, Wg (and W2 unless k = E) re-solved.
+    final     :func:`final_down_fit`: one pass with the final W1, Wg: the true activation
+              ``a = σ(n, m)`` (what the network computes); W2 re-solved on ``a`` against ``T``.
+
+Each pass is a few ``N·d·f`` matmuls, plus one ``N·f²`` Gram (upper block triangle only) in
+the final pass and in non-final epochs; the init pass samples ``_INIT_DOWN_TOKENS`` tokens for
+the Gram of its down solve, which only steers the first p-update. Tokens are processed in
+chunks; z and s live on X's device; only d × d, f × f and f × d matrices are held whole; the
+damped inverse of ``XᵀX`` is computed once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparsellm.linalg import add_gram_upper, mirror_upper, sq_norm
+from sparsellm.models.feed_forward import ffn_hidden
+from sparsellm.solvers.base import NumericalError
+from sparsellm.solvers.sparsellm.auxiliaries import p_system, p_update, update_auxiliaries
+from sparsellm.solvers.sparsellm.state import (
+    DensePass,
+    FFNProblem,
+    FFNState,
+    NamedSums,
+    Penalties,
+    SolveLog,
+    check_finite,
+)
+from sparsellm.solvers.sparsellm.weights import (
+    WeightProblem,
+    WeightStep,
+    damped_inverse,
+    quad_value,
+    sparse_ls_steps,
+)
+
+# Masked conjugate-gradient iterations after each OBS sweep (and on the kept weight). The
+# final down fit (the one returned) gets more; the first down solve, which only steers the
+# first p-update, gets none (no measurable effect on the final error).
+_CG_ITERS = 8
+_CG_ITERS_FINAL = 16
+_CG_ITERS_INIT_DOWN = 0
+# Tokens sampled (strided) for the Gram of the first down solve.
+_INIT_DOWN_TOKENS = 4096
+
+# Squared norms of the dense pass: ‖m‖², ‖n‖², ‖a‖², ‖T‖², ‖Y‖², ‖T‖² of the sampled tokens.
+DENSE_SCALES = ("up", "gate", "act", "target", "output", "target_sample")
+# Sums of an epoch pass: ‖z − m‖², ‖s − n‖², ‖p − σ(s, z)‖² of the new auxiliaries, ‖q‖²,
+# ‖FFN(X) − Y‖² of the current weights, ‖σW2ᵀ − T‖² before the p-update.
+EPOCH_TERMS = ("up", "gate", "act", "q", "output", "down_before")
+
+
+def solve_weights(
+    problem: FFNProblem,
+    log: SolveLog,
+    gram: Tensor,
+    weights: list[WeightProblem],
+    epoch: int,
+    inverse: Tensor | None = None,
+    cg_iters: int = _CG_ITERS,
+) -> list[WeightStep]:
+    """Weight steps sharing ``gram``; logs each choice and the damping retries."""
+    if inverse is None:
+        inverse, retries = damped_inverse(gram, problem.dampening)
+        log.info["damping_retries"] += retries
+    steps = sparse_ls_steps(
+        gram,
+        weights,
+        problem.target,
+        inverse=inverse,
+        dampening=problem.dampening,
+        blocksize=problem.blocksize,
+        cg_iters=cg_iters,
+    )
+    for wp, step in zip(weights, steps, strict=True):
+        check_finite(f"{wp.name} after epoch {epoch}", step.weight)
+        log.info["choices"].append((epoch, wp.name, step.choice))
+        log.info["damping_retries"] += step.retries
+    return steps
+
+
+def _record(epoch: int, up: float, gate: float | None, act: float, down: float) -> dict[str, Any]:
+    """One ``history`` entry: the objective terms and their total."""
+    rec = {"epoch": epoch, "up": up, "gate": gate, "act": act, "down": down}
+    rec["total"] = _total(rec)
+    return rec
+
+
+def _total(rec: dict[str, Any]) -> float:
+    return rec["up"] + (rec["gate"] or 0.0) + rec["act"] + rec["down"]
+
+
+# --------------------------------------------------------------------------- init
+
+
+def dense_pass(problem: FFNProblem, epochs: int) -> DensePass:
+    """One pass with the dense weights: auxiliaries, ``XᵀX``, the first down Grams, scales."""
+    N, d = problem.X.shape
+    f = problem.dense_up.shape[0]
+    f32, dev = torch.float32, problem.device
+    tokens_all = torch.tensor([float(N)], dtype=torch.float64, device=dev)
+    problem.all_sum(tokens_all)
+    out = DensePass(
+        z=torch.empty(N, f, dtype=f32, device=problem.store),
+        s=torch.empty(N, f, dtype=f32, device=problem.store) if problem.gated else None,
+        input_gram=torch.zeros(d, d, dtype=f32, device=dev),
+        input_sum=torch.zeros(d, dtype=f32, device=dev),
+        down_gram=torch.zeros(f, f, dtype=f32, device=dev),
+        down_cross=torch.zeros(d, f, dtype=f32, device=dev),
+        # The first down solve only steers the first p-update (the down weight returned is
+        # refitted on the pruned activations at the end), so a strided token sample suffices
+        # for its f × f Gram, the most expensive product of this pass.
+        stride=1 if epochs == 0 else max(1, math.ceil(float(tokens_all) / _INIT_DOWN_TOKENS)),
+    )
+    scales = NamedSums(DENSE_SCALES, dev)
+    for start, stop in problem.chunks:
+        _dense_chunk(problem, out, scales, start, stop)
+    problem.all_sum(out.input_gram, out.input_sum, out.down_gram, out.down_cross, scales.tensor)
+    mirror_upper(out.down_gram, problem.hidden_blocks)
+    out.scales = scales.values()
+    if not all(math.isfinite(v) for v in out.scales.values()):
+        raise NumericalError("dense forward pass overflowed (non-finite activations)")
+    check_finite("input Gram XᵀX", out.input_gram)
+    check_finite("dense activation Gram", out.down_gram)
+    return out
+
+
+def _dense_chunk(
+    problem: FFNProblem, out: DensePass, scales: NamedSums, start: int, stop: int
+) -> None:
+    rows, target = problem.load(start, stop)
+    out.input_gram.addmm_(rows.T, rows)
+    out.input_sum += rows.sum(0)
+    hidden, m, n = problem.forward_hidden(rows, problem.dense_up, problem.dense_gate)
+    out.z[start:stop] = m
+    scales.add("up", sq_norm(m))
+    if n is not None:
+        out.s[start:stop] = n
+        scales.add("gate", sq_norm(n))
+    scales.add("act", sq_norm(hidden))
+    scales.add("target", sq_norm(target))
+    output = target if problem.down_bias is None else target + problem.down_bias
+    scales.add("output", sq_norm(output))
+    # Every stride-th token counted from token 0, whichever chunk it falls in.
+    offset = (-start) % out.stride
+    sample, target_sample = hidden[offset :: out.stride], target[offset :: out.stride]
+    add_gram_upper(out.down_gram, sample, problem.hidden_blocks)
+    out.down_cross.addmm_(target_sample.T, sample)
+    scales.add("target_sample", sq_norm(target_sample))
+
+
+def initial_pruning(
+    problem: FFNProblem, dense: DensePass, penalties: Penalties, log: SolveLog
+) -> FFNState:
+    """Epoch 0: W1, Wg, W2 := sparse LS fits of the dense state; the starting iterate."""
+    gram = dense.input_gram
+    # H = XᵀX never changes: its damped inverse serves every up/gate solve.
+    inverse, retries = damped_inverse(gram, problem.dampening)
+    log.info["damping_retries"] += retries
+    state = FFNState(
+        up=problem.dense_up,
+        gate=problem.dense_gate,
+        down=problem.dense_down,
+        z=dense.z,
+        s=dense.s,
+        input_gram=gram,
+        input_gram_inverse=inverse,
+        input_sum=dense.input_sum,
+        penalties=penalties,
+        target_sq=dense.scales["target"],
+        output_sq=dense.scales["output"] if dense.scales["output"] > 0 else 1.0,
+    )
+    # z, s are the dense pre-activations, so C = W_dense·H exactly: no pass needed.
+    up_cross = problem.dense_up @ gram
+    gate_cross = problem.dense_gate @ gram if problem.gated else None
+    inputs = _input_weights(problem, state, up_cross, gate_cross, feasible=False)
+    steps = solve_weights(problem, log, gram, inputs, 0, inverse)
+    state.up = steps[0].weight
+    state.gate = steps[1].weight if problem.gated else None
+    # ‖a₀W2ᵀ − T‖² (0 when Y is the dense output); with a token sample this is an estimate,
+    # replaced by the exact figure during the first epoch's pass.
+    sample_sq = dense.scales["target_sample"]
+    dense_down = quad_value(problem.dense_down, dense.down_gram, dense.down_cross, sample_sq)
+    dense_down *= dense.stride
+    down = WeightProblem("down", problem.dense_down, problem.dense_down, dense.down_cross, False)
+    (down_step,) = solve_weights(
+        problem, log, dense.down_gram, [down], 0, cg_iters=_CG_ITERS_INIT_DOWN
+    )
+    state.down = down_step.weight
+    log.history.append(
+        _record(
+            0,
+            up=penalties.alpha_up * max(steps[0].delta, 0.0),
+            gate=penalties.alpha_gate * max(steps[1].delta, 0.0) if problem.gated else None,
+            act=0.0,
+            down=penalties.beta * max(dense_down + down_step.delta, 0.0),
+        )
+    )
+    return state
+
+
+def _input_weights(
+    problem: FFNProblem,
+    state: FFNState,
+    up_cross: Tensor,
+    gate_cross: Tensor | None,
+    feasible: bool,
+) -> list[WeightProblem]:
+    """The up (and gate) problems, which share ``H = XᵀX``."""
+    out = [WeightProblem("up", problem.dense_up, state.up, up_cross, feasible)]
+    if problem.gated:
+        out.append(WeightProblem("gate", problem.dense_gate, state.gate, gate_cross, feasible))
+    return out
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+@dataclass
+class _EpochSums:
+    """What an epoch pass accumulates for the weight solves that follow it."""
+
+    up_cross: Tensor  # zᵀX [f, d]
+    gate_cross: Tensor | None  # sᵀX [f, d]
+    down_gram: Tensor | None  # pᵀp [f, f], upper blocks (None in the last epoch)
+    down_cross: Tensor | None  # Tᵀp [d, f]
+    terms: NamedSums  # EPOCH_TERMS
+
+
+def run_epoch(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: int, last: bool) -> None:
+    """One epoch: auxiliary updates over all tokens, then the weight solves."""
+    sums = _epoch_pass(problem, state, last)
+    terms = sums.terms.values()
+    if not all(math.isfinite(v) for v in terms.values()):
+        raise NumericalError(f"auxiliary update of epoch {epoch} produced NaN/Inf")
+    previous = log.history[-1]
+    previous["output_error"] = terms["output"] / state.output_sq
+    if epoch == 1:  # exact down term of the initial state (the init pass may have sampled)
+        previous["down"] = state.penalties.beta * terms["down_before"]
+        previous["total"] = _total(previous)
+    _epoch_solves(problem, state, log, epoch, sums, terms)
+
+
+def _epoch_pass(problem: FFNProblem, state: FFNState, last: bool) -> _EpochSums:
+    N, d = problem.X.shape
+    f = problem.dense_up.shape[0]
+    f32, dev = torch.float32, problem.device
+    p_inverse = p_system(state.down, state.penalties.p_ratio)
+    sums = _EpochSums(
+        up_cross=torch.zeros(f, d, dtype=f32, device=dev),
+        gate_cross=torch.zeros(f, d, dtype=f32, device=dev) if problem.gated else None,
+        down_gram=None if last else torch.zeros(f, f, dtype=f32, device=dev),
+        down_cross=None if last else torch.zeros(d, f, dtype=f32, device=dev),
+        terms=NamedSums(EPOCH_TERMS, dev),
+    )
+    for start, stop in problem.chunks:
+        _epoch_chunk(problem, state, sums, p_inverse, start, stop)
+    gate = [sums.gate_cross] if problem.gated else []
+    down = [] if last else [sums.down_gram, sums.down_cross]
+    problem.all_sum(sums.up_cross, sums.terms.tensor, *gate, *down)
+    return sums
+
+
+def _epoch_chunk(
+    problem: FFNProblem,
+    state: FFNState,
+    sums: _EpochSums,
+    p_inverse: Tensor,
+    start: int,
+    stop: int,
+) -> None:
+    rows, target = problem.load(start, stop)
+    hidden, m, n = problem.forward_hidden(rows, state.up, state.gate)
+    error = torch.addmm(target, hidden, state.down.T, alpha=1.0, beta=-1.0)
+    sums.terms.add("output", sq_norm(error))
+    del hidden, error
+    # Views of the stored auxiliaries when they live on the work device (updated in place).
+    z = state.z[start:stop].to(problem.device)
+    s = state.s[start:stop].to(problem.device) if problem.gated else None
+    gate_value = problem.act.fn(s) if problem.gated else None  # act(s) before the update
+    p, q, r_sq = p_update(ffn_hidden(problem.act.fn, s, z), target, state.down, p_inverse)
+    sums.terms.add("q", sq_norm(q))
+    sums.terms.add("down_before", r_sq)
+    del q
+    ratios = state.penalties
+    update_auxiliaries(
+        problem.act, ratios.up_ratio, ratios.gate_ratio, m, n, z, s, p, gate_value, sums.terms
+    )
+    if z.device != problem.store:
+        state.z[start:stop] = z
+        if problem.gated:
+            state.s[start:stop] = s
+    sums.up_cross.addmm_(z.T, rows)
+    if problem.gated:
+        sums.gate_cross.addmm_(s.T, rows)
+    if sums.down_gram is not None:
+        add_gram_upper(sums.down_gram, p, problem.hidden_blocks)
+        sums.down_cross.addmm_(target.T, p)
+
+
+def _epoch_solves(
+    problem: FFNProblem,
+    state: FFNState,
+    log: SolveLog,
+    epoch: int,
+    sums: _EpochSums,
+    terms: dict[str, float],
+) -> None:
+    penalties = state.penalties
+    # C = (z − b)ᵀX, with the bias folded in through the column sums of X.
+    if problem.up_bias is not None:
+        sums.up_cross.addr_(problem.up_bias, state.input_sum, alpha=-1.0)
+    if problem.gated and problem.gate_bias is not None:
+        sums.gate_cross.addr_(problem.gate_bias, state.input_sum, alpha=-1.0)
+    inputs = _input_weights(problem, state, sums.up_cross, sums.gate_cross, feasible=True)
+    steps = solve_weights(problem, log, state.input_gram, inputs, epoch, state.input_gram_inverse)
+    state.up = steps[0].weight
+    gate_term = None
+    if problem.gated:
+        state.gate = steps[1].weight
+        gate_term = penalties.alpha_gate * max(terms["gate"] + steps[1].delta, 0.0)
+    c = penalties.p_ratio
+    down_sq = c * c * terms["q"]  # residual of the new p is −(γ/β)·q
+    if sums.down_gram is not None:
+        mirror_upper(sums.down_gram, problem.hidden_blocks)
+        down = WeightProblem("down", problem.dense_down, state.down, sums.down_cross, True)
+        (down_step,) = solve_weights(problem, log, sums.down_gram, [down], epoch)
+        state.down = down_step.weight
+        down_sq += down_step.delta
+    log.history.append(
+        _record(
+            epoch,
+            up=penalties.alpha_up * max(terms["up"] + steps[0].delta, 0.0),
+            gate=gate_term,
+            act=penalties.gamma * terms["act"],
+            down=penalties.beta * max(down_sq, 0.0),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- final
+
+
+def final_down_fit(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: int) -> float:
+    """W2 re-solved on the true activation of the final W1, Wg; returns its output error."""
+    d, f = problem.dense_down.shape
+    gram = torch.zeros(f, f, dtype=torch.float32, device=problem.device)
+    cross = torch.zeros(d, f, dtype=torch.float32, device=problem.device)
+    for start, stop in problem.chunks:
+        rows, target = problem.load(start, stop)
+        hidden, _, _ = problem.forward_hidden(rows, state.up, state.gate)
+        add_gram_upper(gram, hidden, problem.hidden_blocks)
+        cross.addmm_(target.T, hidden)
+    problem.all_sum(gram, cross)
+    mirror_upper(gram, problem.hidden_blocks)
+    check_finite("activation Gram of the pruned up/gate", gram)
+    before = quad_value(state.down, gram, cross, state.target_sq)
+    log.history[-1]["output_error"] = before / state.output_sq
+    down = WeightProblem("down", problem.dense_down, state.down, cross, True)
+    (step,) = solve_weights(problem, log, gram, [down], epoch, cg_iters=_CG_ITERS_FINAL)
+    state.down = step.weight
+    return max(before + step.delta, 0.0) / state.output_sq

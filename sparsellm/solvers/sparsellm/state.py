@@ -1,0 +1,249 @@
+"""What the SparseLLM stages share: the fixed problem, the penalties, the iterate and the log.
+
+* :class:`FFNProblem`: the data, the dense weights and the settings (never changes).
+* :class:`Penalties`: α, β, γ, given or from automatic scaling (fixed after the init pass).
+* :class:`DensePass`: what the init pass learned from the dense weights.
+* :class:`FFNState`: the iterate of the block-coordinate descent (weights, z, s) and the
+  Grams of X that every epoch reuses.
+* :class:`SolveLog`: what the user is told (history, choices, retries, seconds, progress).
+
+Automatic penalty scaling (``alpha``/``beta``/``gamma`` = None): each term is divided by the
+squared norm of its quantity in the dense model, ``α_z = 1/‖m₀‖²``, ``α_s = 1/‖n₀‖²``,
+``γ = 1/‖σ(n₀, m₀)‖²``, ``β = 1/‖T‖²``. Every term is then a relative error, the objective is
+invariant to the scale of X, of each weight and of the activations (the reference's 0.1 vs 5.0
+is exactly such a scale), and the relative weights of the terms are 1 (``_AUTO_*``; results on
+SmolLM2 blocks change by < 3 % over a 10× range of each). Explicit values are used as given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparsellm.masks import SparsityTarget
+from sparsellm.models.feed_forward import ffn_hidden
+from sparsellm.solvers.base import NumericalError
+from sparsellm.solvers.sparsellm.activations import Activation
+
+# Relative weights of the dimensionless terms under automatic scaling.
+_AUTO_ALPHA = 1.0
+_AUTO_BETA = 1.0
+_AUTO_GAMMA = 1.0
+
+ProgressFn = Callable[[dict[str, Any]], None]
+# Sums a tensor in place over the processes sharing the tokens (torch.distributed all-reduce).
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class FFNSolveResult:
+    """New feed-forward weights (float32, on ``up``'s device) and the solver's record.
+
+    ``history[k]`` describes the state after epoch ``k`` (``k = 0``: the initial pruning of the
+    dense state, i.e. local SparseGPT with a CG refit): the objective terms ``up``, ``gate``
+    (None for plain FFNs), ``act``, ``down`` and their ``total`` with the α, β, γ in use
+    (non-increasing in k), and ``output_error``, the true relative FFN output error of that
+    epoch's weights, ``‖FFN(X) − Y‖² / ‖Y‖²`` (relative to the sum of squares of Y, not of
+    Y − mean). ``output_error`` of the result is that figure for the returned weights, after
+    the final down fit. ``info`` holds which candidate each weight solve kept (``choices``:
+    ``"obs"``, ``"kept+cg"`` or ``"kept"``), damping retries and seconds per stage.
+    """
+
+    up: Tensor
+    down: Tensor
+    gate: Tensor | None
+    history: list[dict[str, Any]]
+    output_error: float
+    alpha_up: float
+    alpha_gate: float | None
+    beta: float
+    gamma: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class NamedSums:
+    """float64 running sums held in one tensor, so one all-reduce covers all, read by name."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
+        self.names = names
+        self.tensor = torch.zeros(len(names), dtype=torch.float64, device=device)
+
+    def add(self, name: str, value: Tensor) -> None:
+        """Add a scalar to the sum called ``name``."""
+        self.tensor[self.names.index(name)] += value
+
+    def values(self) -> dict[str, float]:
+        """Every sum as a Python float, by name."""
+        return {name: float(v) for name, v in zip(self.names, self.tensor, strict=True)}
+
+
+def check_finite(name: str, t: Tensor | None) -> None:
+    """Raise :class:`NumericalError` naming ``name`` if ``t`` holds NaN or Inf."""
+    if t is not None and not torch.isfinite(t).all():
+        raise NumericalError(f"{name} contains NaN or Inf")
+
+
+def affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    """``x Wᵀ + b`` for tokens as rows."""
+    return x @ W.T if b is None else torch.addmm(b, x, W.T)
+
+
+@dataclass(frozen=True)
+class FFNProblem:
+    """What one solve works on and never changes: data, dense weights, settings.
+
+    ``X`` and ``Y`` stay where the caller keeps them (``store``) and are loaded a chunk of
+    tokens at a time; the weights and biases are float32 on ``device``, where the work happens.
+    """
+
+    X: Tensor  # [N, d] FFN inputs, tokens as rows
+    Y: Tensor  # [N, d] target FFN outputs, down bias included
+    dense_up: Tensor  # W1 [f, d]
+    dense_down: Tensor  # W2 [d, f]
+    dense_gate: Tensor | None  # Wg [f, d], gated FFNs only
+    up_bias: Tensor | None  # b1 [f]
+    down_bias: Tensor | None  # b2 [d]
+    gate_bias: Tensor | None  # bg [f]
+    act: Activation
+    target: SparsityTarget
+    device: torch.device
+    chunks: list[tuple[int, int]]  # token ranges of one pass over the data
+    hidden_blocks: list[tuple[int, int]]  # Gram blocks over the f hidden features
+    dampening: float
+    blocksize: int
+    reduce: ReduceFn | None
+
+    @property
+    def gated(self) -> bool:
+        """Whether the FFN has a gate projection."""
+        return self.dense_gate is not None
+
+    @property
+    def store(self) -> torch.device:
+        """Where X, Y and the auxiliaries z, s live."""
+        return self.X.device
+
+    def all_sum(self, *sums: Tensor) -> None:
+        """Sum token sums in place over every process holding tokens (no-op when alone)."""
+        if self.reduce is not None:
+            for t in sums:
+                self.reduce(t)
+
+    def load(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Tokens ``start:stop`` as float32 on the work device: ``X`` rows and ``T = Y − b2``."""
+        rows = self.X[start:stop].to(self.device, torch.float32, non_blocking=True)
+        target = self.Y[start:stop].to(self.device, torch.float32, non_blocking=True)
+        if self.down_bias is not None:
+            target = target - self.down_bias
+        return rows, target
+
+    def forward_hidden(
+        self, rows: Tensor, up: Tensor, gate: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The true hidden activation ``σ(n, m)`` with the given weights, and ``m``, ``n``."""
+        m = affine(rows, up, self.up_bias)
+        n = affine(rows, gate, self.gate_bias) if self.gated else None
+        return ffn_hidden(self.act.fn, n, m), m, n
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """The weights α_z, α_s, β, γ of the objective's terms (see the module docstring)."""
+
+    alpha_up: float
+    alpha_gate: float | None  # None for plain FFNs
+    beta: float
+    gamma: float
+
+    @classmethod
+    def resolve(
+        cls,
+        alpha: float | None,
+        beta: float | None,
+        gamma: float | None,
+        scales: dict[str, float],
+        gated: bool,
+    ) -> Penalties:
+        """Given values as they are; ``None`` divides by the term's dense squared norm."""
+
+        def auto(given: float | None, weight: float, scale: float) -> float:
+            return given if given is not None else weight / (scale if scale > 0 else 1.0)
+
+        return cls(
+            alpha_up=auto(alpha, _AUTO_ALPHA, scales["up"]),
+            alpha_gate=auto(alpha, _AUTO_ALPHA, scales["gate"]) if gated else None,
+            beta=auto(beta, _AUTO_BETA, scales["target"]),
+            gamma=auto(gamma, _AUTO_GAMMA, scales["act"]),
+        )
+
+    @property
+    def up_ratio(self) -> float:
+        """α_z/γ: the per-element z problems depend only on this ratio."""
+        return self.alpha_up / self.gamma
+
+    @property
+    def gate_ratio(self) -> float:
+        """α_s/γ (0 for plain FFNs)."""
+        return self.alpha_gate / self.gamma if self.alpha_gate is not None else 0.0
+
+    @property
+    def p_ratio(self) -> float:
+        """γ/β, the shift of the p-update's d × d system."""
+        return self.gamma / self.beta
+
+
+@dataclass
+class DensePass:
+    """What the init pass learns with the dense weights (see :func:`.stages.dense_pass`)."""
+
+    z: Tensor  # [N, f] dense up pre-activations m₀, on the store
+    s: Tensor | None  # [N, f] dense gate pre-activations n₀
+    input_gram: Tensor  # H = XᵀX [d, d]
+    input_sum: Tensor  # column sums of X [d]
+    down_gram: Tensor  # a₀ᵀa₀ over a strided token sample [f, f]
+    down_cross: Tensor  # Tᵀa₀ over the same sample [d, f]
+    stride: int  # of that sample
+    scales: dict[str, float] = field(default_factory=dict)  # squared norms, DENSE_SCALES
+
+
+@dataclass
+class FFNState:
+    """The iterate of the block-coordinate descent, which every stage reads and updates."""
+
+    up: Tensor  # W1 now in use
+    gate: Tensor | None  # Wg now in use
+    down: Tensor  # W2 now in use
+    z: Tensor  # [N, f] auxiliary up pre-activation, on the store
+    s: Tensor | None  # [N, f] auxiliary gate pre-activation
+    input_gram: Tensor  # H = XᵀX, the Gram of every up/gate solve
+    input_gram_inverse: Tensor  # its damped inverse, computed once
+    input_sum: Tensor  # column sums of X: fold the biases into the cross-products
+    penalties: Penalties
+    target_sq: float  # ‖T‖² = ‖Y − b2‖²
+    output_sq: float  # ‖Y‖² (1 when Y = 0): denominator of every output_error
+
+
+@dataclass
+class SolveLog:
+    """What the solver tells its caller: ``history``, ``info`` and progress callbacks."""
+
+    progress: ProgressFn | None
+    started: float = field(default_factory=time.perf_counter)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(
+        default_factory=lambda: {"choices": [], "damping_retries": 0, "seconds": {}}
+    )
+
+    def report(self, stage: str, **extra: Any) -> None:
+        """Call the progress callback with the stage, the elapsed seconds and ``extra``."""
+        if self.progress is not None:
+            self.progress({"stage": stage, "elapsed": time.perf_counter() - self.started, **extra})
+
+    def timed(self, stage: str, since: float) -> None:
+        """Record the seconds ``stage`` took, counted from ``since``."""
+        self.info["seconds"][stage] = time.perf_counter() - since
