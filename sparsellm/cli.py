@@ -1,4 +1,5 @@
-"""``sparsellm prune`` / ``sparsellm eval``: argument parsing over the Python API.
+"""``sparsellm prune`` / ``eval`` / ``finetune``: flags derived from the settings and the
+method registry, over the Python API.
 
 Every problem with the user's input is reported as one line on stderr with exit code 2, and is
 detected before anything is written.
@@ -38,13 +39,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sparsellm: error: {message} (see '{self.prog} --help')\n")
 
 
-def _common(p: argparse.ArgumentParser, schema: type, run: object) -> None:
-    p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")
-    add_flags(p, schema)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
-
-
 def _method_flags(p: argparse.ArgumentParser) -> None:
     """``--method`` and every registered method's options, from the registry."""
     listing = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
@@ -53,42 +47,18 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
         add_flag(group, field, f"{describe(field)} [{', '.join(methods_with(name))}]")
 
 
-def _prune_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "prune",
-        help="prune a model and save it",
-        description="Prune a causal LM layer by layer and save it as a Hugging Face directory.",
-    )
-    _common(p, PruneConfig, run_prune)
-    _method_flags(p)
-
-
-def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="perplexity of a model",
-        description="Perplexity over consecutive windows of a text's test split.",
-    )
-    _common(p, EvalConfig, run_eval)
-
-
-def _finetune_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="sparse fine-tuning of a pruned model",
-        description="Fine-tune a pruned model with its zeros held at zero (or, with "
-        "--target-sparsity, sparsify a model while training) and save it.",
-    )
-    _common(p, FinetuneConfig, run_finetune)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsellm`` parser; its prune flags follow the methods registered now."""
     parser = _Parser(prog="sparsellm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _prune_parser(sub)
-    _eval_parser(sub)
-    _finetune_parser(sub)
+    for name, help, description, schema, run in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help, description=description)
+        p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")
+        add_flags(p, schema)
+        if schema is PruneConfig:
+            _method_flags(p)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(run=run)
     return parser
 
 
@@ -227,7 +197,7 @@ def _finetune_windows(config: FinetuneConfig, tokenizer: object):
 
 def run_finetune(args: argparse.Namespace) -> int:
     from sparsellm.api import default_device
-    from sparsellm.finetune import finetune
+    from sparsellm.finetune import finetune_from_config
     from sparsellm.loading import load_model_and_tokenizer
     from sparsellm.saving import save_model
 
@@ -238,20 +208,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     device = default_device(config.device)
     model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
     train, held_out = _finetune_windows(config, tokenizer)
-    result = finetune(
-        model,
-        train,
-        steps=config.steps,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        eval_windows=held_out,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        device=device,
-        progress=not args.quiet,
-        target_sparsity=config.target_sparsity,
-        mixed_precision=config.mixed_precision,
+    result = finetune_from_config(
+        model, train, config, eval_windows=held_out, device=device, progress=not args.quiet
     )
     model.to("cpu")
     report = {"config": asdict(config), **result.to_dict()}
@@ -263,6 +221,33 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     print(f"model written to {output}")
     return 0
+
+
+# name, help, description, settings, run: one entry a subcommand.
+SUBCOMMANDS = (
+    (
+        "prune",
+        "prune a model and save it",
+        "Prune a causal LM layer by layer and save it as a Hugging Face directory.",
+        PruneConfig,
+        run_prune,
+    ),
+    (
+        "eval",
+        "perplexity of a model",
+        "Perplexity over consecutive windows of a text's test split.",
+        EvalConfig,
+        run_eval,
+    ),
+    (
+        "finetune",
+        "sparse fine-tuning of a pruned model",
+        "Fine-tune a pruned model with its zeros held at zero (or, with --target-sparsity, "
+        "sparsify a model while training) and save it.",
+        FinetuneConfig,
+        run_finetune,
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,25 +162,9 @@ def _streamed_logits(
             yield ids, model(input_ids=ids, use_cache=False).logits
 
 
-def windows_perplexity(
-    model: torch.nn.Module,
-    windows: torch.Tensor,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    streamed: bool | None = None,
-    across_ranks: bool = False,
-) -> float:
-    """``exp(sum NLL / predicted tokens)`` over ``windows`` [n, seqlen] of token ids; see
-    :func:`windows_nll` for ``device``, ``streamed`` and ``across_ranks``."""
-    nll, count = windows_nll(
-        model,
-        windows,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-        streamed=streamed,
-        across_ranks=across_ranks,
-    )
+def windows_perplexity(model: torch.nn.Module, windows: torch.Tensor, **options: Any) -> float:
+    """``exp(sum NLL / predicted tokens)`` over ``windows`` [n, seqlen] of token ids; the
+    keyword options are those of :func:`windows_nll` (``batch_size``, ``device``,
+    ``progress``, ``streamed``, ``across_ranks``)."""
+    nll, count = windows_nll(model, windows, **options)
     return math.exp(nll / count)

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_model
 
 from sparsellm import prune_model
-from sparsellm.pruners.layerwise import collect_statistics, write_solution
 from sparsellm.guard import DivergenceError
 from sparsellm.models import get_adapter, linear_weight
+from sparsellm.pruners.layerwise import collect_statistics, write_solution
 from sparsellm.report import BlockResult
 from sparsellm.solvers import Statistic
 

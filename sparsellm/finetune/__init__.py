@@ -13,6 +13,7 @@ again and reported (:mod:`.report`).
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -27,7 +28,14 @@ from sparsellm.finetune.settings import (
 from sparsellm.finetune.setup import set_up
 from sparsellm.finetune.training import train
 
-__all__ = ["MIXED_PRECISION", "FinetuneReport", "finetune", "lr_factor", "resolve_mixed_precision"]
+__all__ = [
+    "MIXED_PRECISION",
+    "FinetuneReport",
+    "finetune",
+    "finetune_from_config",
+    "lr_factor",
+    "resolve_mixed_precision",
+]
 
 
 def finetune(
@@ -81,6 +89,22 @@ def finetune(
         schedule_steps=schedule_steps,
         mixed_precision=mixed_precision,
     )
+    return _run(model, train_windows, settings, eval_windows, device, progress)
+
+
+def finetune_from_config(
+    model: nn.Module,
+    train_windows: torch.Tensor,
+    config: object,
+    *,
+    eval_windows: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> FinetuneReport:
+    """:func:`finetune` with the settings held by ``config`` (the CLI's
+    :class:`~sparsellm.config.FinetuneConfig`): each training setting it has, by name."""
+    names = [f.name for f in fields(RunSettings)]
+    settings = RunSettings(**{n: getattr(config, n) for n in names if hasattr(config, n)})
     return _run(model, train_windows, settings, eval_windows, device, progress)
 
 

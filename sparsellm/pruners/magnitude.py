@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sparsellm.engine import BlockPruner
 from sparsellm.pruners.layerwise import layerwise_pruner
 from sparsellm.pruners.registry import Method
 from sparsellm.solvers import Statistic, magnitude
@@ -14,10 +15,8 @@ class MagnitudeOptions:
     """Magnitude pruning has no options."""
 
 
-METHOD = Method(
-    name="magnitude",
-    summary="smallest |w| per layer (data-free)",
-    needs_calibration=False,
-    options=MagnitudeOptions,
-    build=lambda options: layerwise_pruner(Statistic.NONE, magnitude),
-)
+def _build(options: MagnitudeOptions) -> BlockPruner:
+    return layerwise_pruner(Statistic.NONE, magnitude)
+
+
+METHOD = Method("magnitude", "smallest |w| per layer (data-free)", False, MagnitudeOptions, _build)

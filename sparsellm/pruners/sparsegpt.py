@@ -34,10 +34,5 @@ def sparsegpt_pruner(options: SparseGPTOptions) -> BlockPruner:
     return layerwise_pruner(Statistic.HESSIAN, solve)
 
 
-METHOD = Method(
-    name="sparsegpt",
-    summary="OBS with error compensation, layer by layer",
-    needs_calibration=True,
-    options=SparseGPTOptions,
-    build=sparsegpt_pruner,
-)
+SUMMARY = "OBS with error compensation, layer by layer"
+METHOD = Method("sparsegpt", SUMMARY, True, SparseGPTOptions, sparsegpt_pruner)

@@ -17,6 +17,7 @@ Per block:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -95,46 +96,48 @@ def _layout(job: BlockJob) -> Layout:
     return layout
 
 
+def _split_weights(
+    job: BlockJob, ffn: FeedForward, originals: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor | None]:
+    """The solver's matrices: up, gate (a fused gate-up layer solved as two) and down."""
+    up, up_bias = originals[ffn.up], _bias(job.layers[ffn.up])
+    gate = originals[ffn.gate] if ffn.gate else None
+    gate_bias = _bias(job.layers[ffn.gate]) if ffn.gate else None
+    if ffn.fused_gate_up:
+        gate, up = ffn.split_fused(up)
+        if up_bias is not None:
+            gate_bias, up_bias = ffn.split_fused(up_bias)
+    down, down_bias = originals[ffn.down], _bias(job.layers[ffn.down])
+    return dict(
+        up=up, up_bias=up_bias, gate=gate, gate_bias=gate_bias, down=down, down_bias=down_bias
+    )
+
+
 def _solve_ffn(
     job: BlockJob,
     ffn: FeedForward,
     X: torch.Tensor,
-    target: torch.Tensor,
+    Y: torch.Tensor,
     options: SparseLLMOptions,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], FFNSolveResult]:
-    """The joint FFN solve: the original weights by layer name and the new ones."""
+    """The joint FFN solve of ``FFN(X) ≈ Y``: the original weights by layer name and the new
+    ones."""
     originals = {
         name: linear_weight(job.layers[name]).detach().to(torch.float32, copy=True)
         for name in ffn.names
     }
-    up_weight, up_bias = originals[ffn.up], _bias(job.layers[ffn.up])
-    gate_weight = originals[ffn.gate] if ffn.gate else None
-    gate_bias = _bias(job.layers[ffn.gate]) if ffn.gate else None
-    if ffn.fused_gate_up:  # one layer computes gate and up: solved as two matrices
-        gate_weight, up_weight = ffn.split_fused(up_weight)
-        if up_bias is not None:
-            gate_bias, up_bias = ffn.split_fused(up_bias)
+    reduce = all_reduce_sum_ if world()[1] > 1 else None
     with torch.no_grad():  # learned activations (xIELU) carry parameters that need no grad
         result = sparsellm_ffn(
             X,
-            target,
-            up_weight,
-            up_bias,
-            originals[ffn.down],
-            _bias(job.layers[ffn.down]),
-            job.target,
-            gate=gate_weight,
-            gate_bias=gate_bias,
+            Y,
+            target=job.target,
             activation=ffn.activation,
-            epochs=options.epochs,
-            alpha=options.alpha,
-            beta=options.beta,
-            gamma=options.gamma,
             chunk_size=CHUNK_TOKENS,
             device=job.options.device,
-            dampening=options.dampening,
-            blocksize=options.blocksize,
-            reduce=all_reduce_sum_ if world()[1] > 1 else None,
+            reduce=reduce,
+            **_split_weights(job, ffn, originals),
+            **dataclasses.asdict(options),
         )
     new = {ffn.up: result.up, ffn.down: result.down}
     if ffn.gate:
@@ -218,10 +221,5 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
     return prune_block
 
 
-METHOD = Method(
-    name="sparsellm",
-    summary="global: attention by SparseGPT, the FFN jointly through auxiliary variables",
-    needs_calibration=True,
-    options=SparseLLMOptions,
-    build=sparsellm_pruner,
-)
+SUMMARY = "global: attention by SparseGPT, the FFN jointly through auxiliary variables"
+METHOD = Method("sparsellm", SUMMARY, True, SparseLLMOptions, sparsellm_pruner)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sparsellm.engine import BlockPruner
 from sparsellm.pruners.layerwise import layerwise_pruner
 from sparsellm.pruners.registry import Method
 from sparsellm.solvers import Statistic, wanda
@@ -14,10 +15,8 @@ class WandaOptions:
     """Wanda has no options."""
 
 
-METHOD = Method(
-    name="wanda",
-    summary="lowest |w|·‖x‖ per output row",
-    needs_calibration=True,
-    options=WandaOptions,
-    build=lambda options: layerwise_pruner(Statistic.NORMS, wanda),
-)
+def _build(options: WandaOptions) -> BlockPruner:
+    return layerwise_pruner(Statistic.NORMS, wanda)
+
+
+METHOD = Method("wanda", "lowest |w|·‖x‖ per output row", True, WandaOptions, _build)
