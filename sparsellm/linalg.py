@@ -11,10 +11,9 @@ from sparsellm.errors import NumericalError
 GRAM_BLOCK = 256
 
 # The damping rule of every damped Cholesky factorisation (:func:`damped_cholesky`).
-# A requested damping of 0 starts here instead: an exactly singular Gram can "factor" in
-# floating point and give an inverse of rounding noise, so some damping is always applied.
-# With the retries below the last try is then 0.1, the ceiling both earlier rules reached.
-DAMPING_FLOOR = 1e-7
+# A requested damping of 0 is tried as asked (``--dampening 0`` means none); when that fails
+# the damping continues from here, so with the retries below the last try is 0.1.
+DAMPING_FLOOR = 1e-6
 # Tenfold increases after a failed factorisation, before giving up.
 DAMPING_RETRIES = 6
 
@@ -62,8 +61,8 @@ def damped_cholesky(
 ) -> DampedCholesky:
     """Lower Cholesky factor of ``H + λ·mean(diag H)·I``, the one damping rule of every solver.
 
-    λ starts at ``dampening`` (:data:`DAMPING_FLOOR` when that is 0) and grows tenfold after
-    each failed factorisation, at most ``max_retries`` times. A mean diagonal that is not
+    λ starts at ``dampening`` and grows tenfold after each failed factorisation (from
+    :data:`DAMPING_FLOOR` when it was 0), at most ``max_retries`` times. A mean diagonal that is not
     positive (a zero or broken Gram) is taken as 1 so that the damping still adds something.
     The factorisation runs in ``gram``'s dtype: callers choose float64 where they can afford it.
 
@@ -77,10 +76,10 @@ def damped_cholesky(
     if not mean > 0:
         mean = torch.ones((), dtype=gram.dtype, device=gram.device)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    fraction = dampening if dampening > 0 else DAMPING_FLOOR
+    fraction = dampening
     for retries in range(max_retries + 1):
         if retries:
-            fraction *= 10
+            fraction = fraction * 10 if fraction > 0 else DAMPING_FLOOR
         factor, failed = torch.linalg.cholesky_ex(gram + fraction * mean * eye)
         if not failed:
             return DampedCholesky(factor, fraction, retries)

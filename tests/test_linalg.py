@@ -33,9 +33,30 @@ def test_each_retry_raises_the_damping_tenfold():
     torch.testing.assert_close(factor @ factor.T, H + 10.0 * torch.eye(3, dtype=H.dtype))
 
 
-def test_zero_dampening_starts_at_the_floor():
+def test_zero_dampening_is_tried_as_asked_then_continues_from_the_floor():
     _, fraction, retries = damped_cholesky(spd(), 0.0)
-    assert (fraction, retries) == (DAMPING_FLOOR, 0)
+    assert (fraction, retries) == (0.0, 0)
+    singular = torch.zeros(3, 3, dtype=torch.float64)  # mean diagonal 0 is taken as 1
+    _, fraction, retries = damped_cholesky(singular, 0.0)
+    assert (fraction, retries) == (DAMPING_FLOOR, 1)
+
+
+def test_an_inverse_without_a_factor_raises_the_damping_too(monkeypatch):
+    from sparsellm.solvers import base
+
+    real = torch.linalg.cholesky_ex
+    calls = []
+
+    def inverse_fails_once(matrix, upper=False):
+        calls.append(upper)
+        factor, info = real(matrix, upper=upper)
+        if upper and calls.count(True) == 1:  # the first factorisation of an inverse
+            return factor, torch.ones_like(info)
+        return factor, info
+
+    monkeypatch.setattr(base.torch.linalg, "cholesky_ex", inverse_fails_once)
+    _, fraction, retries = base.inverse_hessian_cholesky(spd(), 0.01)
+    assert (fraction, retries) == (pytest.approx(0.1), 1)
 
 
 def test_a_matrix_that_never_factors_raises_naming_the_last_damping():

@@ -57,13 +57,20 @@ def inverse_hessian_cholesky(
     would cost too much memory and time in float64).
     """
     H = hessian.to(torch.float64) if hessian.shape[0] <= 4096 else hessian
-    L, fraction, retries = damped_cholesky(H, dampening, max_retries=max_retries)
-    U, failed = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if failed or not torch.isfinite(U).all():
-        raise NumericalError(
-            f"inverse of the damped Hessian (damping {fraction:g}) has no Cholesky factor"
-        )
-    return U.to(torch.float32), fraction, retries
+    fraction, retries = dampening, 0
+    while True:
+        # The inverse must factor too (in float32 it may not, for a wide ill-conditioned H):
+        # if it does not, the same rule goes on, tenfold damping, from where it stopped.
+        L, fraction, more = damped_cholesky(H, fraction, max_retries=max_retries - retries)
+        retries += more
+        U, failed = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if not failed and torch.isfinite(U).all():
+            return U.to(torch.float32), fraction, retries
+        if retries >= max_retries:
+            raise NumericalError(
+                f"inverse of the damped Hessian (damping {fraction:g}) has no Cholesky factor"
+            )
+        fraction, retries = fraction * 10, retries + 1
 
 
 def relative_output_error(
