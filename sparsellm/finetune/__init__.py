@@ -75,20 +75,9 @@ def finetune(
     Perplexity before/after (never autocast) is measured on ``eval_windows`` if given. The model
     is left in eval mode. Raises ``FloatingPointError`` on a non-finite training loss.
     """
-    settings = RunSettings(
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        lr_schedule=lr_schedule,
-        max_grad_norm=max_grad_norm,
-        eval_batch_size=eval_batch_size,
-        seed=seed,
-        target_sparsity=target_sparsity,
-        schedule_steps=schedule_steps,
-        mixed_precision=mixed_precision,
-    )
+    # The keywords are RunSettings' fields by name; read them before any other local exists.
+    given = locals()
+    settings = RunSettings(**{f.name: given[f.name] for f in fields(RunSettings)})
     return _run(model, train_windows, settings, eval_windows, device, progress)
 
 

@@ -69,6 +69,18 @@ class Before:
     perplexity: float | None
 
 
+# Settings of the run that the report repeats, under the same names.
+_SETTINGS_REPORTED = (
+    "steps",
+    "lr",
+    "batch_size",
+    "warmup_steps",
+    "lr_schedule",
+    "weight_decay",
+    "max_grad_norm",
+)
+
+
 def build_report(
     run: Training,
     settings: RunSettings,
@@ -81,13 +93,7 @@ def build_report(
     n, seqlen = (int(size) for size in train_windows.shape)
     tail = losses[-min(10, len(losses)) :]
     return FinetuneReport(
-        steps=settings.steps,
-        lr=settings.lr,
-        batch_size=settings.batch_size,
-        warmup_steps=settings.warmup_steps,
-        lr_schedule=settings.lr_schedule,
-        weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
+        **{name: getattr(settings, name) for name in _SETTINGS_REPORTED},
         mixed_precision=run.precision,
         train_windows=n,
         seqlen=seqlen,

@@ -121,6 +121,19 @@ def _smooth_minimiser(
     return x, fx[0]
 
 
+def _minimise_in_place(
+    x: Tensor, act: Activation, c: Tensor, w: float, p: Tensor, k: Tensor | None
+) -> Tensor:
+    """``x := argmin w(x − c)² + (p − k·act(x))²`` per element (k = 1 when None): exact for
+    ReLU, safeguarded Newton otherwise. Returns ``act(x)`` at the new x."""
+    if act.name == "relu":
+        x.copy_(relu_branches(c, w, p, k))
+        return torch.relu(x)
+    new_x, value = _smooth_minimiser(x, act, c, w, p, k)
+    x.copy_(new_x)
+    return value
+
+
 def _update_gated(
     act: Activation,
     a_z: float,
@@ -135,12 +148,7 @@ def _update_gated(
 ) -> None:
     """z exact for the old gate, s one step (exact for ReLU), z exact again; in place."""
     z.copy_(z_given_gate(m, g, p, a_z))
-    if act.name == "relu":
-        s.copy_(relu_branches(n, a_s, p, z))
-        gate_value = torch.relu(s)
-    else:
-        new_s, gate_value = _smooth_minimiser(s, act, n, a_s, p, z)
-        s.copy_(new_s)
+    gate_value = _minimise_in_place(s, act, n, a_s, p, z)
     z.copy_(z_given_gate(m, gate_value, p, a_z))
     sums.add("gate", torch.dist(s, n).square().to(torch.float64))
     sums.add("act", torch.dist(p, gate_value.mul_(z)).square().to(torch.float64))
@@ -151,12 +159,7 @@ def _update_plain(
     act: Activation, a_z: float, m: Tensor, z: Tensor, p: Tensor, sums: NamedSums
 ) -> None:
     """z exact (ReLU) or one safeguarded Newton step (smooth activations); in place."""
-    if act.name == "relu":
-        z.copy_(relu_branches(m, a_z, p, None))
-        value = torch.relu(z)
-    else:
-        new_z, value = _smooth_minimiser(z, act, m, a_z, p, None)
-        z.copy_(new_z)
+    value = _minimise_in_place(z, act, m, a_z, p, None)
     sums.add("act", torch.dist(p, value).square().to(torch.float64))
     sums.add("up", torch.dist(z, m).square().to(torch.float64))
 

@@ -10,7 +10,11 @@ from torch import Tensor
 
 from sparsellm.linalg import gram_blocks
 from sparsellm.masks import SparsityTarget, is_valid_nm, prune_counts
-from sparsellm.solvers.sparsellm.activations import ActivationLike, resolve_activation
+from sparsellm.solvers.sparsellm.activations import (
+    Activation,
+    ActivationLike,
+    resolve_activation,
+)
 from sparsellm.solvers.sparsellm.stages import (
     dense_pass,
     final_down_fit,
@@ -75,19 +79,20 @@ def sparsellm_ffn(
         reduce: for tokens sharded across processes, an in-place all-reduce sum; every token
             sum goes through it, so each process solves the problem of all tokens.
 
-    Returns:
-        :class:`FFNSolveResult` with float32 weights on ``up``'s device.
+    Returns :class:`FFNSolveResult` with float32 weights on ``up``'s device.
 
-    Raises:
-        ValueError: shapes, settings or activation name that do not fit.
-        NumericalError: non-finite inputs or a solve that produced NaN/Inf.
+    Raises ``ValueError`` for shapes, settings or an activation name that do not fit and
+    ``NumericalError`` for non-finite inputs or a solve that produced NaN/Inf.
     """
     log = SolveLog(progress)  # started now: the seconds include the checks
-    problem = _build_problem(
-        X, Y, up, up_bias, down, down_bias, target, gate, gate_bias, activation,
-        epochs=epochs, requested=(alpha, beta, gamma), chunk_size=chunk_size, device=device,
-        dampening=dampening, blocksize=blocksize, reduce=reduce,
-    )  # fmt: skip
+    weights = {"up": up, "down": down, "gate": gate}
+    biases = {"up": up_bias, "down": down_bias, "gate": gate_bias}
+    _check_shapes(X, Y, weights, biases)
+    _check_settings(X.shape[0], epochs, chunk_size, (alpha, beta, gamma))
+    work = {"dampening": dampening, "blocksize": blocksize, "reduce": reduce}
+    where = torch.device(device) if device is not None else X.device
+    act = resolve_activation(activation)
+    problem = _build_problem(X, Y, weights, biases, target, act, where, chunk_size, work)
     state, output_error = _run_stages(problem, log, epochs, (alpha, beta, gamma))
     return _result(problem, state, log, output_error, out_device=up.device)
 
@@ -95,70 +100,56 @@ def sparsellm_ffn(
 def _build_problem(
     X: Tensor,
     Y: Tensor,
-    up: Tensor,
-    up_bias: Tensor | None,
-    down: Tensor,
-    down_bias: Tensor | None,
+    weights: dict[str, Tensor | None],
+    biases: dict[str, Tensor | None],
     target: SparsityTarget,
-    gate: Tensor | None,
-    gate_bias: Tensor | None,
-    activation: ActivationLike,
-    *,
-    epochs: int,
-    requested: Requested,
+    act: Activation,
+    device: torch.device,
     chunk_size: int,
-    device: torch.device | str | None,
-    dampening: float,
-    blocksize: int,
-    reduce: ReduceFn | None,
+    work: dict,
 ) -> FFNProblem:
-    """Check every argument, then hold the weights as float32 on the work device."""
-    act = resolve_activation(activation)
-    _check_shapes(X, Y, up, up_bias, down, down_bias, gate, gate_bias)
-    _check_settings(X.shape[0], epochs, chunk_size, requested)
-    dev = torch.device(device) if device is not None else X.device
-    tensors = {"X": X, "Y": Y, "up": up, "down": down, "gate": gate}
-    tensors |= {"up_bias": up_bias, "down_bias": down_bias, "gate_bias": gate_bias}
-    for name, t in tensors.items():
+    """The problem with the weights as float32 on the work ``device``, after checking that
+    every input is finite."""
+    for name, t in {
+        "X": X,
+        "Y": Y,
+        **weights,
+        **{f"{k}_bias": b for k, b in biases.items()},
+    }.items():
         check_finite(name, t)
 
-    def on_dev(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(dev, torch.float32)
+    def on_device(parts: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        return {
+            k: None if t is None else t.detach().to(device, torch.float32) for k, t in parts.items()
+        }
 
+    dense, bias = on_device(weights), on_device(biases)
     N = X.shape[0]
     return FFNProblem(
         X=X,
         Y=Y,
-        dense_up=on_dev(up),
-        dense_down=on_dev(down),
-        dense_gate=on_dev(gate),
-        up_bias=on_dev(up_bias),
-        down_bias=on_dev(down_bias),
-        gate_bias=on_dev(gate_bias),
+        dense_up=dense["up"],
+        dense_down=dense["down"],
+        dense_gate=dense["gate"],
+        up_bias=bias["up"],
+        down_bias=bias["down"],
+        gate_bias=bias["gate"],
         act=act,
         target=target,
-        device=dev,
+        device=device,
         chunks=[(i, min(i + chunk_size, N)) for i in range(0, N, chunk_size)],
-        hidden_blocks=gram_blocks(up.shape[0]),
-        dampening=dampening,
-        blocksize=blocksize,
-        reduce=reduce,
+        hidden_blocks=gram_blocks(dense["up"].shape[0]),
+        **work,
     )
 
 
 def _check_shapes(
-    X: Tensor,
-    Y: Tensor,
-    up: Tensor,
-    up_bias: Tensor | None,
-    down: Tensor,
-    down_bias: Tensor | None,
-    gate: Tensor | None,
-    gate_bias: Tensor | None,
+    X: Tensor, Y: Tensor, weights: dict[str, Tensor | None], biases: dict[str, Tensor | None]
 ) -> None:
     if X.dim() != 2 or Y.shape != X.shape:
         raise ValueError(f"X and Y must both be [N, d]; got {tuple(X.shape)}, {tuple(Y.shape)}")
     d = X.shape[1]
+    up, down, gate = weights["up"], weights["down"], weights["gate"]
     f = up.shape[0]
     gated = gate is not None
     if up.shape != (f, d) or down.shape != (d, f) or (gated and gate.shape != (f, d)):
@@ -166,14 +157,11 @@ def _check_shapes(
             f"weights do not match d={d}: up {tuple(up.shape)}, down {tuple(down.shape)}"
             + (f", gate {tuple(gate.shape)}" if gated else "")
         )
-    for name, b, size in (
-        ("up_bias", up_bias, f),
-        ("gate_bias", gate_bias, f),
-        ("down_bias", down_bias, d),
-    ):
+    for name, size in (("up", f), ("gate", f), ("down", d)):
+        b = biases[name]
         if b is not None and b.shape != (size,):
-            raise ValueError(f"{name} must have shape [{size}], got {tuple(b.shape)}")
-    if gate_bias is not None and not gated:
+            raise ValueError(f"{name}_bias must have shape [{size}], got {tuple(b.shape)}")
+    if biases["gate"] is not None and not gated:
         raise ValueError("gate_bias given without gate")
 
 
