@@ -20,10 +20,14 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
 def ffn_hidden(
-    activation: Activation, gate_pre: torch.Tensor | None, up_pre: torch.Tensor
+    activation: Activation,
+    gate_pre: torch.Tensor | None,
+    up_pre: torch.Tensor,
+    gate_value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The FFN's hidden activation from its pre-activations: ``act(gate_pre) * up_pre`` for a
-    gated FFN, ``act(up_pre)`` for a plain one (``gate_pre`` None).
+    gated FFN, ``act(up_pre)`` for a plain one (``gate_pre`` None). ``gate_value``:
+    ``act(gate_pre)`` when the caller has it already (the solver needs it on its own too).
 
     The one definition of what an FFN computes between its projections: both
     :meth:`FeedForward.forward` and the SparseLLM solver (its ``σ(s, z)``) call it, so the
@@ -31,7 +35,7 @@ def ffn_hidden(
     """
     if gate_pre is None:
         return activation(up_pre)
-    return activation(gate_pre) * up_pre
+    return (activation(gate_pre) if gate_value is None else gate_value) * up_pre
 
 
 @dataclass(frozen=True)

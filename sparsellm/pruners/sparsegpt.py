@@ -12,16 +12,15 @@ from sparsellm.pruners.registry import Method
 from sparsellm.settings import ConfigError, setting
 from sparsellm.solvers import Statistic, sparsegpt
 
-DAMPENING_HELP = "Hessian damping, fraction of its mean diagonal"
-BLOCKSIZE_HELP = "SparseGPT column block size"
-
 
 @dataclass
 class SparseGPTOptions:
     """Settings of the OBS sweep."""
 
-    dampening: float = setting(0.01, DAMPENING_HELP, "non_negative_number")
-    blocksize: int = setting(128, BLOCKSIZE_HELP, "positive_int")
+    dampening: float = setting(
+        0.01, "Hessian damping, fraction of its mean diagonal", "non_negative_number"
+    )
+    blocksize: int = setting(128, "SparseGPT column block size", "positive_int")
 
     def check(self, target: SparsityTarget) -> None:
         if target.is_nm and self.blocksize % target.m:

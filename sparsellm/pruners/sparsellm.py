@@ -27,11 +27,10 @@ from torch import nn
 from sparsellm.distributed import all_reduce_sum_, broadcast_, world
 from sparsellm.engine import BlockJob, BlockPruner
 from sparsellm.layout import Layout, check_layout
-from sparsellm.masks import SparsityTarget
 from sparsellm.models import FeedForward, linear_weight
 from sparsellm.pruners.layerwise import collect_statistics, solve_layers, write_solution
 from sparsellm.pruners.registry import Method
-from sparsellm.pruners.sparsegpt import BLOCKSIZE_HELP, DAMPENING_HELP, SparseGPTOptions
+from sparsellm.pruners.sparsegpt import SparseGPTOptions
 from sparsellm.report import BlockResult
 from sparsellm.settings import setting
 from sparsellm.solvers import LayerStatistics, Statistic, sparsegpt
@@ -41,11 +40,10 @@ CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes over the data
 
 
 @dataclass
-class SparseLLMOptions:
-    """Settings of the joint FFN solve (and of SparseGPT for the other layers)."""
+class SparseLLMOptions(SparseGPTOptions):
+    """Settings of the joint FFN solve; SparseGPT's (for the other layers, and the solve's own
+    OBS sweeps and damping) come first."""
 
-    dampening: float = setting(0.01, DAMPENING_HELP, "non_negative_number")
-    blocksize: int = setting(128, BLOCKSIZE_HELP, "positive_int")
     epochs: int = setting(1, "alternation epochs of the joint FFN solve", "non_negative_int")
     alpha: float | None = setting(
         None, "penalty α of the joint FFN solve (default: automatic)", "positive_number"
@@ -56,9 +54,6 @@ class SparseLLMOptions:
     gamma: float | None = setting(
         None, "penalty γ of the joint FFN solve (default: automatic)", "positive_number"
     )
-
-    def check(self, target: SparsityTarget) -> None:
-        SparseGPTOptions(self.dampening, self.blocksize).check(target)
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:

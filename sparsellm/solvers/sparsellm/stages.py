@@ -291,7 +291,9 @@ def _epoch_chunk(
     z = state.z[start:stop].to(problem.device)
     s = state.s[start:stop].to(problem.device) if problem.gated else None
     gate_value = problem.act.fn(s) if problem.gated else None  # act(s) before the update
-    p, q, r_sq = p_update(ffn_hidden(problem.act.fn, s, z), target, state.down, p_inverse)
+    hidden = ffn_hidden(problem.act.fn, s, z, gate_value)
+    p, q, r_sq = p_update(hidden, target, state.down, p_inverse)
+    del hidden
     sums.terms.add("q", sq_norm(q))
     sums.terms.add("down_before", r_sq)
     del q
