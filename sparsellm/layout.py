@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sparsellm.distributed import all_reduce_sum_
+from sparsellm.errors import UserError
 from sparsellm.models import FeedForward, UnsupportedModelError
 
 
@@ -144,6 +145,22 @@ def check_layout(block: nn.Module, candidates: list[FeedForward], batch: tuple) 
     return Layout(ffn, True, "block output = residual + FFN output (checked)", deviation)
 
 
+class NonFiniteActivationsError(UserError):
+    """The dense model itself produces NaN/Inf: nothing can be pruned against it."""
+
+
+def _check_finite(model: nn.Module, outputs: dict[int, torch.Tensor]) -> None:
+    """One line naming the first block whose dense output is not finite (fp16 overflow, broken
+    weights), instead of letting later checks misread it."""
+    for index in sorted(outputs):
+        if not torch.isfinite(outputs[index]).all():
+            dtype = str(outputs[index].dtype).removeprefix("torch.")
+            raise NonFiniteActivationsError(
+                f"the dense model's block {index} outputs NaN/Inf in {dtype} on the calibration "
+                "text (overflow or broken weights); load it in float32 or bfloat16 (--dtype)"
+            )
+
+
 @torch.no_grad()
 def check_block_chain(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> None:
     """The engine hands block ``i``'s output to block ``i + 1``; check on a forward of the dense
@@ -177,6 +194,7 @@ def check_block_chain(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
     finally:
         for handle in handles:
             handle.remove()
+    _check_finite(model, left)
     for index in range(len(blocks) - 1):
         out, nxt = left.get(index), entered.get(index + 1)
         same = out is not None and nxt is not None and out.numel() == nxt.numel()

@@ -176,3 +176,14 @@ def test_guard_setting_is_validated_and_parsed():
     args = build_parser().parse_args(["prune", "--model", "m", "--no-guard"])
     assert args.guard is False
     assert build_parser().parse_args(["prune", "--model", "m"]).guard is None  # recipe decides
+
+
+def test_a_dense_model_that_overflows_is_named_not_called_unsupported(calibration_ids):
+    from sparsellm.layout import NonFiniteActivationsError
+
+    model = tiny_model("llama", dtype=torch.float16)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(30)  # block 0 already overflows float16
+    with pytest.raises(NonFiniteActivationsError, match="block 0 outputs NaN/Inf in float16"):
+        prune_model(model, method="sparsegpt", calibration=calibration_ids, progress=False)
