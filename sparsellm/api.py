@@ -75,6 +75,8 @@ def prune(
 ) -> PruneReport:
     """Prune ``model`` in place as a checked ``config`` says (see :func:`prune_model`);
     ``calibration_ids`` [n, seqlen], when given, replace ``config.calibration``."""
+    if config.options is None:  # built by hand rather than by prune_config(): check it now
+        config = prune_config(config.to_dict(), require_io=False)
     method = get_method(config.method)
     adapter = get_adapter(model)
     report = PruneReport(

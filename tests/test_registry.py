@@ -109,3 +109,19 @@ def test_unregistered_method_is_unknown_to_the_cli(capsys, tmp_path, model_dir):
     assert code == 2 and "unknown method 'powered-norm'" in err
     code, _, err = run(capsys, *argv[:-2], "--norm-power", "2")
     assert code == 2 and "--norm-power" in err
+
+
+def test_a_config_built_by_hand_is_checked_and_given_its_method_options(calibration_ids):
+    from sparsellm.api import prune
+    from sparsellm.config import PruneConfig
+
+    report = prune(
+        tiny_model("llama"),
+        None,
+        PruneConfig(method="sparsegpt", sparsity=0.5),
+        calibration_ids=calibration_ids,
+        progress=False,
+    )
+    assert report.sparsity == 0.5 and report.config["dampening"] == 0.01
+    with pytest.raises(ConfigError, match="nsamples must be a positive integer, got 0"):
+        prune(tiny_model("llama"), None, PruneConfig(nsamples=0), calibration_ids=calibration_ids)
