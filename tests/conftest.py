@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,22 @@ VOCAB = 256  # one token per byte
 
 # Tiny models gain nothing from threads, and thread spin-waits make them slow on a busy machine.
 torch.set_num_threads(1)
+
+
+def recorded_hashes(path: Path) -> dict[str, str]:
+    """The hashes recorded in the JSON file ``path`` (none yet: empty)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_recorded(path: Path, key: str, digest: str, what: str) -> None:
+    """Compare ``digest`` with the one recorded under ``key`` in the JSON file ``path``; with
+    ``SPARSELLM_RECORD_HASHES=1`` record it instead (only for an intended change of numbers)."""
+    recorded = recorded_hashes(path)
+    if os.environ.get("SPARSELLM_RECORD_HASHES"):
+        recorded[key] = digest
+        path.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
+        return
+    assert recorded[key] == digest, f"{key}: {what}"
 
 
 def tiny_config(family: str):

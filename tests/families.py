@@ -87,6 +87,19 @@ def tiny_config(model_type: str):
     return config
 
 
+def random_norms_model(config, seed: int = 0) -> torch.nn.Module:
+    """A random causal LM of ``config`` whose norm weights are drawn from N(0, 1)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and "norm" in name.lower():
+                param.normal_(0.0, 1.0)
+    return model
+
+
 def build(model_type: str, seed: int = 0) -> tuple[torch.nn.Module | None, str]:
     """A tiny random model of ``model_type`` that runs a forward pass, or ``None`` and why not."""
     import transformers as tf
@@ -108,12 +121,8 @@ def build(model_type: str, seed: int = 0) -> tuple[torch.nn.Module | None, str]:
             )
             if width > MAX_WIDTH:
                 return None, f"does not shrink: a Linear {width} wide"
-            torch.manual_seed(seed)
-            model = tf.AutoModelForCausalLM.from_config(config).eval()
+            model = random_norms_model(config, seed)
             with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if param.ndim == 1 and "norm" in name.lower():
-                        param.normal_(0.0, 1.0)
                 model(input_ids=torch.randint(3, 200, (2, 16)), use_cache=False)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot build offline"
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""

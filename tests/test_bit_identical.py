@@ -9,12 +9,11 @@ intended change of numbers) with ``SPARSELLM_RECORD_HASHES=1 pytest tests/test_b
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 
 import pytest
 import torch
-from conftest import FIXTURES, tiny_model
+from conftest import FIXTURES, check_recorded, tiny_model
+from families import SMALL, random_norms_model
 
 from sparsellm import prune_model
 
@@ -27,24 +26,13 @@ def _sandwich(kind: str):
     import transformers as tf
 
     configs = {"gemma3": tf.Gemma3TextConfig, "phi3": tf.Phi3Config}
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(
-        configs[kind](
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            pad_token_id=0,
-        )
-    ).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1 and "norm" in name:
-                param.normal_(0.0, 1.0)
-    return model
+    # The sweep's small sizes (tests/families.py SMALL); pad 0 keeps Phi-3's pad id in the vocab.
+    sizes = {key: SMALL[key] for key in SANDWICH_SIZES}
+    return random_norms_model(configs[kind](**sizes, pad_token_id=0))
+
+
+SANDWICH_SIZES = ["vocab_size", "hidden_size", "intermediate_size", "head_dim"]
+SANDWICH_SIZES += ["num_hidden_layers", "num_attention_heads", "num_key_value_heads"]
 
 
 CASES = [
@@ -82,17 +70,8 @@ def _prune(family: str, method: str, target: str, calibration_ids: torch.Tensor)
     return digest.hexdigest()
 
 
-def _recorded() -> dict:
-    return json.loads(HASHES.read_text()) if HASHES.exists() else {}
-
-
 @pytest.mark.parametrize(("family", "method", "target"), CASES)
 def test_pruned_weights_are_bit_identical(family, method, target, calibration_ids):
     key = f"{family}/{method}/{target}"
     digest = _prune(family, method, target, calibration_ids)
-    if os.environ.get("SPARSELLM_RECORD_HASHES"):
-        recorded = _recorded()
-        recorded[key] = digest
-        HASHES.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
-        return
-    assert _recorded()[key] == digest, f"{key}: pruned weights changed"
+    check_recorded(HASHES, key, digest, "pruned weights changed")

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from families import METHODS, causal_lm_types, sweep_family
+from families import METHODS, causal_lm_types, random_norms_model, sweep_family
 
 from sparsellm import prune_model
 from sparsellm.data import calibration_windows
@@ -47,8 +47,7 @@ def sandwich_model(kind: str):
     import transformers as tf
 
     config = {"gemma3": tf.Gemma3TextConfig, "gemma2": tf.Gemma2Config, "olmo2": tf.Olmo2Config}
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(
+    return random_norms_model(
         config[kind](
             vocab_size=256,
             hidden_size=128,
@@ -58,12 +57,7 @@ def sandwich_model(kind: str):
             num_key_value_heads=2,
             head_dim=32,
         )
-    ).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1 and "norm" in name:
-                param.normal_(0.0, 1.0)
-    return model
+    )
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "gemma2", "olmo2"])

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from conftest import FIXTURES, small_llama
+from conftest import FIXTURES, check_recorded, recorded_hashes, small_llama
 from torch import nn
 
 from sparsellm.finetune import finetune
@@ -229,19 +227,9 @@ RUNS: dict[str, Callable[[], str]] = {
 }
 
 
-def _recorded() -> dict:
-    return json.loads(HASHES.read_text()) if HASHES.exists() else {}
-
-
 @pytest.mark.parametrize("key", list(RUNS))
 def test_optimizer_and_finetune_are_bit_identical(key):
-    digest = RUNS[key]()
-    if os.environ.get("SPARSELLM_RECORD_HASHES"):
-        recorded = _recorded()
-        recorded[key] = digest
-        HASHES.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
-        return
-    assert _recorded()[key] == digest, f"{key}: parameters or optimizer state changed"
+    check_recorded(HASHES, key, RUNS[key](), "parameters or optimizer state changed")
 
 
 @pytest.mark.parametrize(
@@ -263,6 +251,6 @@ def test_explicit_rules_match_the_flags(case, rules):
         _prune_half(model)
     opt = SparseOptimizer(make_base(model), model=model, rules=rules())
     _train(model, opt, range(STEPS))
-    assert _hash(model, opt.state_dict()) == _recorded()[f"optim/{case}"]
+    assert _hash(model, opt.state_dict()) == recorded_hashes(HASHES)[f"optim/{case}"]
     with pytest.raises(ValueError, match="either rules= or"):
         SparseOptimizer(make_base(model), model=model, rules=rules(), keep_mask=True)
