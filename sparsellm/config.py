@@ -91,9 +91,9 @@ def _split_prune_keys(values: dict[str, Any], method: str) -> tuple[dict, dict]:
             common[key] = value
         elif key in own_names:
             own[key] = value
-        elif methods_with(key):
-            owners = ", ".join(methods_with(key))
-            raise ConfigError(f"{key} is an option of {owners}, not of method {method!r}")
+        elif owners := methods_with(key):
+            owner_list = ", ".join(owners)
+            raise ConfigError(f"{key} is an option of {owner_list}, not of method {method!r}")
         else:
             raise ConfigError(f"unknown setting {key!r}")
     return common, own
@@ -101,13 +101,11 @@ def _split_prune_keys(values: dict[str, Any], method: str) -> tuple[dict, dict]:
 
 def prune_config(values: dict[str, Any], require_io: bool = True) -> PruneConfig:
     """A checked :class:`PruneConfig` from flat keys (recipe, flags or keywords)."""
-    method = values.get("method", PruneConfig.method)
-    get_method(method)  # an unknown method is named before its options are looked at
-    common, own = _split_prune_keys(values, method)
+    method = get_method(values.get("method", PruneConfig.method))  # named before its options
+    common, own = _split_prune_keys(values, method.name)
     config = PruneConfig(**common)
     check_settings(config)
-    target = config.target()
-    config.options = get_method(method).make_options(own, target)
+    config.options = method.make_options(own, config.target())
     if config.skip is not None:
         try:
             re.compile(config.skip)
