@@ -75,6 +75,7 @@ class EngineOptions:
     skip: str | None = None  # regex on full layer names: matching layers stay dense
     progress: bool = True
     guard: bool = True  # re-do or stop on a diverging block (see sparsellm.guard)
+    store: BlockStore | None = None  # where blocks live between visits (None: in memory)
 
 
 @dataclass
@@ -179,20 +180,46 @@ def capture_block_inputs(
     return BlockInputs(hidden=hidden, args=args_list, kwargs=kwargs_list)
 
 
+class BlockStore:
+    """Where decoder blocks live between visits. This one keeps them in memory: a block is
+    moved to the device for its visit and back home afterwards. Out-of-core stores read a
+    block's tensors when it is fetched and write or drop them when it is released."""
+
+    def __init__(self) -> None:
+        self._home: dict[int, torch.device] = {}
+
+    def fetch(self, index: int, block: nn.Module, device: torch.device) -> None:
+        """Make block ``index``'s weights real and put them on ``device``."""
+        self._home[index] = next(block.parameters()).device
+        block.to(device)
+
+    def release(self, index: int, block: nn.Module, completed: bool) -> None:
+        """The caller is done with block ``index``; ``completed``: its visit ended normally
+        (the weights are final), not by an exception."""
+        block.to(self._home.pop(index))
+
+
 def stream_blocks(
-    adapter: Adapter, device: torch.device, desc: str, progress: bool
+    adapter: Adapter,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+    store: BlockStore | None = None,
 ) -> Iterator[tuple[int, nn.Module, tqdm]]:
-    """Each decoder block in order, moved to ``device`` while the caller works on it and back
-    home afterwards: the one loop by which pruning and streamed evaluation visit blocks."""
+    """Each decoder block in order, fetched to ``device`` from ``store`` while the caller works
+    on it and released afterwards: the one loop by which pruning and streamed evaluation visit
+    blocks."""
+    store = store or BlockStore()
     blocks = adapter.blocks()
     bar = tqdm(blocks, desc=desc, unit="block", disable=not progress)
     for index, block in enumerate(bar):
-        home = next(block.parameters()).device
-        block.to(device)
+        store.fetch(index, block, device)
         try:
             yield index, block, bar
-        finally:
-            block.to(home)
+        except BaseException:
+            store.release(index, block, completed=False)
+            raise
+        store.release(index, block, completed=True)
 
 
 def _prunable(
@@ -231,7 +258,8 @@ def prune_blocks(
         inputs = capture_block_inputs(model, adapter, windows, options)
     last = len(adapter.blocks()) - 1
     previous_error = None
-    blocks = stream_blocks(adapter, options.device, f"pruning {target}", options.progress)
+    desc = f"pruning {target}"
+    blocks = stream_blocks(adapter, options.device, desc, options.progress, options.store)
     for index, block, bar in blocks:
         layers = _prunable(adapter, block, index, skip)
         job = BlockJob(index, block, layers, inputs, adapter, target, options)
