@@ -47,6 +47,19 @@ class PruneConfig:
     device: str | None = setting(None, "device for the block being pruned (default: cuda if any)")
     dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
     batch_size: int = setting(32, "calibration windows per forward pass", "positive_int")
+    device_memory: str = setting(
+        "auto",
+        "device memory the engine may use for one block and its chunk of activations "
+        "(auto: what the device has free; on the CPU chunks follow --batch-size)",
+        "size",
+    )
+    offload: str = setting(
+        "auto",
+        "where the model's blocks wait their turn: memory, disk (read from and written to "
+        "safetensors shards one block at a time), or auto (disk when the checkpoint is larger "
+        "than the free host memory)",
+        choices=("auto", "memory", "disk"),
+    )
     skip: str | None = setting(None, "regex on layer names to leave dense (e.g. 'layers\\.0\\.')")
     overwrite: bool = setting(False, "replace a non-empty output directory", "bool")
     guard: bool = setting(

@@ -41,8 +41,18 @@ CHECKS: dict[str, tuple[Check, str]] = {
     "number": (_number, "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
+    "size": (
+        lambda v: v == "auto" or _size(v) is not None,
+        "auto or a memory size such as 20GiB or 24GB",
+    ),
 }
 _FLAG_TYPES = {"int": int, "number": float, "str": str}
+
+
+def _size(value: Any) -> int | None:
+    from sparsellm.memory import parse_size
+
+    return parse_size(value)
 
 
 def setting(
@@ -86,7 +96,7 @@ def check_settings(values: object) -> None:
 def flag_kind(field: dataclasses.Field) -> str:
     """``int``, ``number``, ``str`` or ``bool``: how the command line parses the setting."""
     check = field.metadata["check"]
-    return next(kind for kind in ("int", "number", "bool", "str") if check.endswith(kind))
+    return next((k for k in ("int", "number", "bool") if check.endswith(k)), "str")
 
 
 def add_flag(group: argparse._ActionsContainer, field: dataclasses.Field, help: str) -> None:
