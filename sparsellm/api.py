@@ -10,7 +10,7 @@ from torch import nn
 from sparsellm.config import PruneConfig, prune_config
 from sparsellm.data import calibration_windows, evaluation_windows
 from sparsellm.distributed import shard, world
-from sparsellm.engine import EngineOptions, prune_blocks
+from sparsellm.engine import BlockStore, EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
 from sparsellm.models import get_adapter
 from sparsellm.pruners import fallback_pruner, get_method
@@ -72,9 +72,12 @@ def prune(
     *,
     calibration_ids: torch.Tensor | None = None,
     progress: bool = True,
+    store: BlockStore | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place as a checked ``config`` says (see :func:`prune_model`);
-    ``calibration_ids`` [n, seqlen], when given, replace ``config.calibration``."""
+    ``calibration_ids`` [n, seqlen], when given, replace ``config.calibration``. ``store``:
+    where the blocks wait between visits (default: in memory; an out-of-core model's
+    :meth:`~sparsellm.offload.OffloadedModel.pruning_store` reads and writes them on disk)."""
     if config.options is None:  # built by hand rather than by prune_config(): check it now
         config = prune_config(config.to_dict(), require_io=False)
     method = get_method(config.method)
@@ -95,6 +98,7 @@ def prune(
         skip=config.skip,
         progress=progress,
         guard=config.guard,
+        store=store,
     )
     started = time.perf_counter()
     pruner = method.build(config.options)

@@ -254,7 +254,8 @@ def prune_blocks(
     skip = re.compile(options.skip) if options.skip else None
     inputs = None
     if windows is not None:
-        check_block_chain(model, adapter.blocks(), windows[:1, :CHAIN_CHECK_TOKENS])
+        ids = windows[:1, :CHAIN_CHECK_TOKENS]
+        check_block_chain(model, adapter.blocks(), ids, options.store)
         inputs = capture_block_inputs(model, adapter, windows, options)
     last = len(adapter.blocks()) - 1
     previous_error = None

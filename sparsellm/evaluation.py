@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsellm.distributed import all_reduce_sum_, shard, world
+
+if TYPE_CHECKING:
+    from sparsellm.engine import BlockStore
 
 LOGITS_BUDGET_BYTES = 512 * 2**20
 
@@ -59,6 +62,7 @@ def windows_nll(
     progress: bool = True,
     streamed: bool | None = None,
     across_ranks: bool = False,
+    store: BlockStore | None = None,
 ) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over ``windows`` [n, seqlen] and the count of
     predicted tokens (``n × (seqlen − 1)``).
@@ -68,20 +72,22 @@ def windows_nll(
     ``True`` always streams, ``False`` runs the model whole (it must be on ``device``).
     ``across_ranks``: under ``torch.distributed`` each rank scores its share of the windows
     and the sums are all-reduced (every rank must call this and gets the same figures).
+    ``store``: where the blocks wait between visits (an out-of-core
+    :class:`~sparsellm.offload.DiskStore`); given, the evaluation is streamed.
     """
     if across_ranks:
         windows = shard(windows)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch_size = min(batch_size, logits_batch_limit(model, windows.shape[1]))
     if streamed is None:
-        streamed = not on_device(model, device)
+        streamed = store is not None or not on_device(model, device)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     try:
         logits_batches = (
-            _streamed_logits(model, windows, batch_size, device, progress)
+            _streamed_logits(model, windows, batch_size, device, progress, store)
             if streamed
             else _whole_model_logits(model, windows, batch_size, device, progress)
         )
@@ -136,7 +142,12 @@ class _HandOn(nn.Module):
 
 
 def _streamed_logits(
-    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, progress: bool
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    store: BlockStore | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     from sparsellm.engine import (
         EngineOptions,
@@ -151,7 +162,8 @@ def _streamed_logits(
     options = EngineOptions(device=device, batch_size=batch_size, progress=False)
     inputs = capture_block_inputs(model, adapter, windows, options)
     formats: list[int | None] = []
-    for _, block, _ in stream_blocks(adapter, device, "perplexity (streamed)", progress):
+    blocks = stream_blocks(adapter, device, "perplexity (streamed)", progress, store)
+    for _, block, _ in blocks:
         inputs.hidden = inputs.run(block)
         formats.append(inputs.output_format)
     stand_ins = nn.ModuleList(_HandOn(f) for f in formats[:-1])
@@ -165,6 +177,6 @@ def _streamed_logits(
 def windows_perplexity(model: torch.nn.Module, windows: torch.Tensor, **options: Any) -> float:
     """``exp(sum NLL / predicted tokens)`` over ``windows`` [n, seqlen] of token ids; the
     keyword options are those of :func:`windows_nll` (``batch_size``, ``device``,
-    ``progress``, ``streamed``, ``across_ranks``)."""
+    ``progress``, ``streamed``, ``across_ranks``, ``store``)."""
     nll, count = windows_nll(model, windows, **options)
     return math.exp(nll / count)

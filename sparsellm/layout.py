@@ -19,6 +19,7 @@ does, on the first calibration batch, before any weight changes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from torch import nn
 from sparsellm.distributed import all_reduce_sum_
 from sparsellm.errors import UserError
 from sparsellm.models import FeedForward, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from sparsellm.engine import BlockStore
 
 
 @dataclass(frozen=True)
@@ -162,10 +166,16 @@ def _check_finite(model: nn.Module, outputs: dict[int, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def check_block_chain(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> None:
+def check_block_chain(
+    model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, store: BlockStore | None = None
+) -> None:
     """The engine hands block ``i``'s output to block ``i + 1``; check on a forward of the dense
     model over ``ids`` (a few tokens) that the model does the same, and refuse it otherwise
-    (:class:`UnsupportedModelError`: several parallel ModuleLists, blocks run out of order)."""
+    (:class:`UnsupportedModelError`: several parallel ModuleLists, blocks run out of order).
+
+    With a ``store`` (out-of-core models, whose blocks wait on ``meta``), each block is fetched
+    where the rest of the model is just before it runs and released right after it ran, as not
+    completed: its dense weights are not a result to keep."""
     from sparsellm.engine import block_output
 
     entered: dict[int, torch.Tensor] = {}
@@ -189,6 +199,8 @@ def check_block_chain(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
     for index, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(on_entry(index), with_kwargs=True))
         handles.append(block.register_forward_hook(on_exit(index), with_kwargs=True))
+    if store is not None:
+        handles.extend(_visits_through(store, model, blocks))
     try:
         model(input_ids=ids, use_cache=False)
     finally:
@@ -206,3 +218,22 @@ def check_block_chain(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
                 f"{len(blocks)} found does not receive block {index}'s output, so they cannot "
                 "be pruned one after the other"
             )
+
+
+def _visits_through(store: BlockStore, model: nn.Module, blocks: nn.ModuleList) -> list:
+    """Hooks that fetch each block from ``store`` (onto the device of the rest of the model)
+    as it is entered and release it as it is left, so one block is resident at a time."""
+    home = next(p.device for p in model.parameters() if not p.is_meta)
+    handles = []
+    for index, block in enumerate(blocks):
+
+        def enter(module: nn.Module, args: tuple, index: int = index) -> None:
+            store.fetch(index, module, home)
+
+        def leave(module: nn.Module, args: tuple, out: object, index: int = index) -> None:
+            store.release(index, module, completed=False)
+
+        # prepend: the block must be real before any other hook (or the block) sees it
+        handles.append(block.register_forward_pre_hook(enter, prepend=True))
+        handles.append(block.register_forward_hook(leave))
+    return handles

@@ -1,8 +1,9 @@
 """Write a model and its reports atomically, in one of the registered output formats.
 
 A format is a writer that fills a directory from the model and tokenizer. Whatever the format,
-:func:`save_model` writes into a temporary sibling directory, adds the reports, and renames it
-into place at the end, so a crash never leaves a half-written model behind.
+:func:`save_model` writes into a temporary sibling directory (:class:`StagedOutput`), adds the
+reports, and renames it into place at the end, so a crash never leaves a half-written model
+behind. Out-of-core pruning (:mod:`sparsellm.offload`) fills such a directory block by block.
 """
 
 from __future__ import annotations
@@ -56,6 +57,36 @@ def _replace(staging: Path, output: Path) -> None:
         staging.rename(output)
 
 
+class StagedOutput:
+    """A temporary sibling directory of ``output``, filled at once or piece by piece (the
+    out-of-core path writes each pruned block as soon as it is done), then renamed into place
+    by :meth:`commit`. Used as a context manager, an exception discards it."""
+
+    def __init__(self, output: str | Path):
+        self.output = Path(output).resolve()
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{self.output.name}."
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.output.parent))
+
+    def commit(self, reports: dict[str, Any] | None = None) -> Path:
+        """Add ``reports`` (file name -> an object with ``save(path)``, or JSON-able data) and
+        put the directory in place of ``output``, replacing it whole."""
+        for name, report in (reports or {}).items():
+            _write_report(self.path / name, report)
+        _replace(self.path, self.output)
+        return self.output
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> StagedOutput:
+        return self
+
+    def __exit__(self, kind: type | None, *_: object) -> None:
+        if kind is not None:
+            self.discard()
+
+
 def save_model(
     model: nn.Module,
     tokenizer: Any,
@@ -67,15 +98,6 @@ def save_model(
     """Save ``model`` and ``tokenizer`` in ``save_format`` plus ``reports`` (file name -> an
     object with ``save(path)``, or JSON-able data) into ``output``, replacing it whole."""
     writer = FORMATS[save_format]
-    output = Path(output).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        writer(model, tokenizer, staging)
-        for name, report in (reports or {}).items():
-            _write_report(staging / name, report)
-        _replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    with StagedOutput(output) as staged:
+        writer(model, tokenizer, staged.path)
+        return staged.commit(reports)

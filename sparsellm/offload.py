@@ -1,0 +1,386 @@
+"""Out-of-core models (``--offload disk``): the decoder blocks wait on disk, not in memory.
+
+The model is built as a skeleton whose parameters sit on the ``meta`` device (no storage);
+buffers computed at construction (rotary ``inv_freq``) stay real. Everything outside the decoder
+blocks (embeddings, final norm, head) is read from the safetensors shards at once: capture and
+evaluation need it. A :class:`DiskStore` (the engine's :class:`~sparsellm.engine.BlockStore`
+hook) reads one block's tensors when the engine fetches it and, while pruning, writes the
+pruned block to its own output shard as soon as it is released, turning it back to ``meta``.
+:class:`OffloadedModel` ties these together for the CLI and the benchmark; the staging
+directory of the output is renamed into place only once the index, config, tokenizer and
+report are there (:class:`~sparsellm.saving.StagedOutput`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsellm.engine import BlockStore
+from sparsellm.errors import UserError
+from sparsellm.saving import StagedOutput
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class OffloadError(UserError):
+    """The model cannot be processed out of core (not a safetensors checkpoint, names differ)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A directory of safetensors shards: which file holds each tensor name."""
+
+    directory: Path
+    files: dict[str, str]  # tensor name -> file name inside ``directory``
+
+    def nbytes(self) -> int:
+        """Bytes of the shards on disk (about the model's size in its stored dtype)."""
+        return sum((self.directory / name).stat().st_size for name in set(self.files.values()))
+
+    def read(self, names: dict[str, str]) -> dict[str, torch.Tensor]:
+        """``{key: tensor}`` for ``names`` (key -> checkpoint name), opening each shard once
+        and reading only the tensors asked for."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[tuple[str, str]]] = {}
+        for key, name in names.items():
+            by_file.setdefault(self.files[name], []).append((key, name))
+        tensors = {}
+        for file, wanted in by_file.items():
+            with safe_open(self.directory / file, framework="pt", device="cpu") as shard:
+                for key, name in wanted:
+                    tensors[key] = shard.get_tensor(name)
+        return tensors
+
+
+def find_checkpoint(spec: str | None) -> Checkpoint | None:
+    """The safetensors checkpoint in the local directory ``spec`` (sharded with an index, or a
+    single ``model.safetensors``); ``None`` for anything else (a .gguf file, a hub id)."""
+    directory = Path(spec) if spec else None
+    if directory is None or not directory.is_dir():
+        return None
+    if (directory / INDEX).is_file():
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        return Checkpoint(directory, dict(weight_map))
+    if (directory / SINGLE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(directory / SINGLE, framework="pt", device="cpu") as shard:
+            return Checkpoint(directory, dict.fromkeys(shard.keys(), SINGLE))
+    return None
+
+
+def offload_mode(setting: str, spec: str | None) -> str:
+    """``memory`` or ``disk`` for the ``offload`` setting and the model ``spec``, decided before
+    anything loads: ``auto`` is disk when the checkpoint's shards exceed the free host memory
+    and memory when the source is not a local safetensors checkpoint."""
+    from sparsellm.memory import host_available
+
+    if setting == "memory":
+        return "memory"
+    checkpoint = find_checkpoint(spec)
+    if checkpoint is None:
+        if setting == "disk":
+            raise OffloadError(
+                f"--offload disk needs a local directory of safetensors shards; {spec!r} is "
+                "not one (convert it first, or use --offload memory)"
+            )
+        return "memory"
+    if setting == "disk":
+        return "disk"
+    return "disk" if checkpoint.nbytes() > host_available() else "memory"
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside this block lands on the ``meta`` device (shape and
+    dtype, no storage); buffers are untouched, so tables computed at construction stay real.
+
+    Modules create a parameter with real storage first; swapping it at registration keeps at
+    most one layer's freshly allocated (never touched, so never paged in) storage alive."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def resolve_offload_dtype(name: str, config: object) -> torch.dtype:
+    """The run's dtype: as asked, or for ``auto`` the checkpoint's (float32 if unrecorded) —
+    an offloaded model is meant to be processed in the dtype it is stored in."""
+    from sparsellm.loading import DTYPES, ModelLoadError
+
+    if name != "auto":
+        if name not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def build_skeleton(directory: Path, dtype: str) -> nn.Module:
+    """The causal LM of ``directory``'s config with its parameters on ``meta``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_offload_dtype(dtype, config))
+    with contextlib.suppress(OSError):  # a checkpoint without generation_config.json
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
+
+
+def match_names(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """``{model state_dict name: checkpoint name}``. A checkpoint name matches a model name
+    exactly or with the model's base prefix in front (a checkpoint saved from the base model);
+    anything else is refused naming the tensor, as is a parameter the checkpoint lacks (tied
+    copies excepted) — renamings are not guessed."""
+    names = set(model.state_dict())
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    matched: dict[str, str] = {}
+    for name in sorted(checkpoint.files):
+        key = name if name in names else prefix + name
+        if key not in names:
+            raise OffloadError(
+                f"checkpoint tensor {name!r} in {str(checkpoint.directory)!r} matches no "
+                f"parameter of {type(model).__name__}; use --offload memory"
+            )
+        matched[key] = name
+    aliases: dict[int, list[str]] = {}  # a tied parameter is stored under one of its names
+    for key, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(key)
+    for keys in aliases.values():
+        if not any(key in matched for key in keys):
+            raise OffloadError(
+                f"parameter {keys[0]!r} of {type(model).__name__} is not in the checkpoint "
+                f"{str(checkpoint.directory)!r}; use --offload memory"
+            )
+    return matched
+
+
+def _owners(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Every state_dict name -> the (module, attribute) pairs that hold that tensor; a tied
+    parameter has several, and all must receive the tensor read for it."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    names: dict[str, int] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        tensors = {**module._parameters, **module._buffers}
+        for leaf, tensor in tensors.items():
+            if tensor is None:
+                continue
+            holders.setdefault(id(tensor), []).append((module, leaf))
+            names[f"{module_name}.{leaf}" if module_name else leaf] = id(tensor)
+    return {name: holders[ident] for name, ident in names.items()}
+
+
+def _held(owners: list[tuple[nn.Module, str]]) -> torch.Tensor:
+    """The tensor the first owner holds now (a meta parameter, or a real buffer)."""
+    module, leaf = owners[0]
+    held = module._parameters.get(leaf)
+    return held if held is not None else module._buffers[leaf]
+
+
+def place(owners: list[tuple[nn.Module, str]], tensor: torch.Tensor) -> None:
+    """Put ``tensor`` (a parameter's value or a buffer) into every module that holds it."""
+    module, leaf = owners[0]
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        value: torch.Tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        value = tensor
+    for module, leaf in owners:
+        if leaf in module._parameters:
+            module._parameters[leaf] = value
+        else:
+            module._buffers[leaf] = value
+
+
+def _move_buffers(block: nn.Module, device: torch.device | str) -> None:
+    """Real buffers of ``block`` to ``device`` (``block.to`` would touch meta parameters)."""
+    for module in block.modules():
+        for leaf, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[leaf] = buffer.to(device)
+
+
+def _cast(tensor: torch.Tensor, like: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` in the dtype the skeleton gives that name (floating tensors only: integer
+    tables keep theirs), on ``device`` — the cast from_pretrained makes, so values match."""
+    dtype = like.dtype if tensor.is_floating_point() and like.is_floating_point() else None
+    return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+
+class ShardWriter:
+    """The output directory, filled shard by shard: one ``model-K-of-N.safetensors`` per block
+    as soon as it is pruned, the rest of the model last, then the index json, config,
+    tokenizer and reports, and only then renamed into place."""
+
+    def __init__(self, output: str | Path, blocks: int):
+        self.staged = StagedOutput(output)
+        self.count = blocks + 1
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Shard ``shard`` (0-based; the blocks' indices, then the rest) holding ``tensors``."""
+        from safetensors.torch import save_file
+
+        file = f"model-{shard + 1:05d}-of-{self.count:05d}.safetensors"
+        save_file(tensors, self.staged.path / file, metadata={"format": "pt"})
+        for name, tensor in tensors.items():
+            self.weight_map[name] = file
+            self.total_size += tensor.numel() * tensor.element_size()
+
+    def written(self) -> Checkpoint:
+        """The shards written so far, readable like a source checkpoint."""
+        return Checkpoint(self.staged.path, dict(self.weight_map))
+
+    def finish(self, model: nn.Module, tokenizer: object, reports: dict | None = None) -> Path:
+        """Index json, config, generation config, tokenizer and ``reports``; rename into
+        place. The rest of the model (outside the blocks) must have been written."""
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+        (self.staged.path / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        model.config.architectures = [type(model).__name__]  # as save_pretrained records
+        model.config.save_pretrained(self.staged.path)
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(self.staged.path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.staged.path)
+        return self.staged.commit(reports)
+
+
+class DiskStore(BlockStore):
+    """Blocks read from a checkpoint's shards when fetched and turned back to ``meta`` when
+    released. With a ``writer`` (pruning), a block whose visit completed is first written to
+    its output shard; without one (evaluation, the chain check), it is dropped."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoint: Checkpoint,
+        names: dict[str, str],
+        writer: ShardWriter | None = None,
+    ):
+        super().__init__()
+        self.checkpoint, self.names, self.writer = checkpoint, names, writer
+        self._owners = _owners(model)
+        self._prefix = {id(m): f"{name}." for name, m in model.named_modules()}
+
+    def _keys(self, block: nn.Module) -> list[str]:
+        prefix = self._prefix[id(block)]
+        return [key for key in self._owners if key.startswith(prefix)]
+
+    def fetch(self, index: int, block: nn.Module, device: torch.device) -> None:
+        """Read block ``index``'s tensors (only its own) onto ``device``."""
+        wanted = {key: self.names[key] for key in self._keys(block) if key in self.names}
+        for key, tensor in self.checkpoint.read(wanted).items():
+            owners = self._owners[key]
+            place(owners, _cast(tensor, _held(owners), device))
+        _move_buffers(block, device)
+
+    def release(self, index: int, block: nn.Module, completed: bool) -> None:
+        """Write the block if it was pruned to completion, then free its weights."""
+        if completed and self.writer is not None:
+            prefix, seen, tensors = self._prefix[id(block)], set(), {}
+            for name, tensor in block.state_dict(prefix=prefix, keep_vars=True).items():
+                if id(tensor) not in seen:  # a tensor held twice is stored once
+                    seen.add(id(tensor))
+                    tensors[name] = tensor.detach().to("cpu").contiguous()
+            self.writer.write(index, tensors)
+        for key in self._keys(block):
+            owners = self._owners[key]
+            module, leaf = owners[0]
+            param = module._parameters.get(leaf)
+            if param is not None and not param.is_meta:  # buffers stay real (below)
+                place(owners, param.detach().to("meta"))
+        _move_buffers(block, "cpu")
+
+
+class OffloadedModel:
+    """A model processed out of core from the safetensors checkpoint in ``directory``: the
+    skeleton with everything outside the blocks loaded, its tokenizer, and the stores that
+    read the source, prune into ``output`` and read what was written."""
+
+    def __init__(self, directory: str | Path, dtype: str = "auto"):
+        from sparsellm.models import get_adapter
+
+        checkpoint = find_checkpoint(str(directory))
+        if checkpoint is None:
+            raise OffloadError(f"{str(directory)!r} is not a directory of safetensors shards")
+        self.checkpoint = checkpoint
+        self.model = build_skeleton(checkpoint.directory, dtype)
+        self.names = match_names(self.model, checkpoint)
+        self.adapter = get_adapter(self.model)
+        self.tokenizer = _tokenizer(checkpoint.directory)
+        self.writer: ShardWriter | None = None
+        # Everything outside the blocks is needed by capture and evaluation: load it now.
+        owners = _owners(self.model)
+        rest = {key: name for key, name in self.names.items() if not self._in_block(key)}
+        for key, tensor in checkpoint.read(rest).items():
+            place(owners[key], _cast(tensor, _held(owners[key]), "cpu"))
+
+    def _in_block(self, key: str) -> bool:
+        blocks = range(len(self.adapter.blocks()))
+        return any(key.startswith(f"{self.adapter.block_name(i)}.") for i in blocks)
+
+    def source_store(self) -> DiskStore:
+        """Reads the dense blocks from the source checkpoint."""
+        return DiskStore(self.model, self.checkpoint, self.names)
+
+    def pruning_store(self, output: str | Path | None) -> DiskStore:
+        """Reads dense blocks and writes each pruned one under ``output`` (staged); ``None``
+        (a rank that does not write) drops them."""
+        if output is not None:
+            self.writer = ShardWriter(output, len(self.adapter.blocks()))
+        return DiskStore(self.model, self.checkpoint, self.names, self.writer)
+
+    def output_store(self) -> DiskStore:
+        """Reads the pruned blocks back from the shards written so far."""
+        written = self.writer.written()
+        return DiskStore(self.model, written, {name: name for name in written.files})
+
+    def finish(self, reports: dict | None = None) -> Path:
+        """Write the rest of the model, the index, config, tokenizer and ``reports``, and put
+        the output in place."""
+        seen, rest = set(), {}
+        state = self.model.state_dict(keep_vars=True)
+        for key in (k for k in state if not self._in_block(k)):
+            if id(state[key]) not in seen:  # tied weights are stored once, as save_pretrained
+                seen.add(id(state[key]))
+                rest[key] = state[key].detach().to("cpu").contiguous()
+        self.writer.write(self.writer.count - 1, rest)
+        return self.writer.finish(self.model, self.tokenizer, reports)
+
+    def discard(self) -> None:
+        """Remove the staging directory of an unfinished output."""
+        if self.writer is not None:
+            self.writer.staged.discard()
+
+
+def _tokenizer(directory: Path) -> object:
+    from transformers import AutoTokenizer
+
+    from sparsellm.loading import ModelLoadError
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load the tokenizer of {str(directory)!r}: {reason}") from None
