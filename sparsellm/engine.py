@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsellm.masks import SparsityTarget
+from sparsellm.memory import BlockShape, Budget, to_host
 from sparsellm.models import Adapter
 from sparsellm.report import BlockResult, PruneReport
 
@@ -37,30 +38,47 @@ class _Captured(Exception):
 
 @dataclass
 class BlockInputs:
-    """Activations entering the current block, one entry per calibration batch."""
+    """Activations entering the current block, one entry per calibration batch.
 
-    hidden: list[torch.Tensor]
+    They live in host memory (pinned for CUDA) and visit the device one batch at a time, so
+    the device holds one block and one batch of activations whatever the calibration size.
+    """
+
+    hidden: list[torch.Tensor]  # on the host
     args: list[tuple]  # further positional arguments (GPT-2 passes its mask positionally)
     kwargs: list[dict]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # What the last block run returned besides hidden states: tuple length, None for a tensor
     # (stand-in blocks must answer in the same format).
     output_format: int | None = None
 
     def batches(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
-        yield from zip(self.hidden, self.args, self.kwargs, strict=True)
+        """Each batch's hidden states and arguments, on the device."""
+        for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs, strict=True):
+            yield (
+                hidden.to(self.device, non_blocking=True),
+                _to_device(args, self.device),
+                _to_device(kwargs, self.device),
+            )
+
+    @property
+    def tokens(self) -> int:
+        """Tokens over all batches (of this rank)."""
+        return sum(h.numel() // h.shape[-1] for h in self.hidden)
 
     @torch.no_grad()
     def run(
         self, block: nn.Module, collect: Callable[[torch.Tensor], None] | None = None
     ) -> list[torch.Tensor]:
-        """``block`` over every batch; the outputs, unless ``collect`` takes each one."""
+        """``block`` over every batch; the outputs (on the host), unless ``collect`` takes each
+        one (on the device)."""
         outputs = []
         for hidden, args, kwargs in self.batches():
             raw = block(hidden, *args, **kwargs)
             self.output_format = len(raw) if isinstance(raw, tuple | list) else None
             out = block_output(raw)
             if collect is None:
-                outputs.append(out)
+                outputs.append(to_host(out))
             else:
                 collect(out)
         return outputs
@@ -76,6 +94,7 @@ class EngineOptions:
     progress: bool = True
     guard: bool = True  # re-do or stop on a diverging block (see sparsellm.guard)
     store: BlockStore | None = None  # where blocks live between visits (None: in memory)
+    budget: Budget = field(default_factory=lambda: Budget(None))  # device bytes to use
 
 
 @dataclass
@@ -146,38 +165,61 @@ def rest_on_device(adapter: Adapter, device: torch.device) -> Iterator[None]:
             model.to(home)
 
 
+def block_shape(adapter: Adapter, block: nn.Module, hidden: int) -> BlockShape:
+    """The memory-relevant sizes of ``block`` (see :mod:`sparsellm.memory`)."""
+    config = adapter.model.config
+    heads = next(
+        (getattr(config, k) for k in ("num_attention_heads", "n_head") if hasattr(config, k)),
+        max(1, hidden // 64),
+    )
+    dtype_bytes = next(block.parameters()).element_size()
+    return BlockShape.of_block(block, hidden, heads, dtype_bytes)
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, options: EngineOptions
 ) -> BlockInputs:
-    """Run the model up to block 0 for each batch of ``windows`` and record what block 0 gets.
+    """Run the model up to block 0 for each batch of ``windows`` and record what block 0 gets,
+    in host memory. Batches hold ``batch_size`` windows, fewer where the device budget says so.
 
     Only the modules outside the decoder blocks (embeddings, rotary tables, ...) visit the
     device, and only for this step.
     """
     blocks = adapter.blocks()
+    shape = block_shape(adapter, blocks[0], _hidden_width(model))
+    seqlen = windows.shape[1]
+    per_batch = options.budget.forward_windows(shape, seqlen, options.batch_size)
     hidden, args_list, kwargs_list = [], [], []
+    host = torch.device("cpu")
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
         states = kwargs.pop("hidden_states", None)
         if states is None:
             states, args = args[0], args[1:]
-        hidden.append(states.detach())
-        args_list.append(_to_device(tuple(args), options.device))
-        kwargs_list.append(_to_device(kwargs, options.device))
+        hidden.append(to_host(states.detach()))
+        args_list.append(_to_device(tuple(args), host))
+        kwargs_list.append(_to_device(kwargs, host))
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
         with rest_on_device(adapter, options.device):
-            for start in range(0, windows.shape[0], options.batch_size):
-                ids = windows[start : start + options.batch_size].to(options.device)
+            for start in range(0, windows.shape[0], per_batch):
+                ids = windows[start : start + per_batch].to(options.device)
                 with contextlib.suppress(_Captured):
                     model(input_ids=ids, use_cache=False)
     finally:
         handle.remove()
-    return BlockInputs(hidden=hidden, args=args_list, kwargs=kwargs_list)
+    return BlockInputs(hidden, args_list, kwargs_list, device=options.device)
+
+
+def _hidden_width(model: nn.Module) -> int:
+    """The width of the hidden states between blocks (the embedding width may differ)."""
+    config = model.config.get_text_config()
+    width = getattr(config, "hidden_size", None)
+    return width if isinstance(width, int) else model.get_input_embeddings().weight.shape[1]
 
 
 class BlockStore:

@@ -134,7 +134,8 @@ class _HandOn(nn.Module):
     def forward(self, *args: object, **kwargs: object) -> object:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if self.final is not None:
-            hidden = self.final[self.batch]
+            # The final states wait in host memory; the head runs where the input is.
+            hidden = self.final[self.batch].to(hidden.device)
             self.batch += 1
         if self.tuple_length is None:
             return hidden

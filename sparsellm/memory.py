@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -43,3 +45,135 @@ def device_free(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     return None
+
+
+# --------------------------------------------------------------------------- the memory model
+#
+# One formula sizes the engine's chunks (from the real block) and `sparsellm plan`'s figures
+# (from a config). Device bytes = what one block needs whatever the data (weights, the solver's
+# matrices) + bytes per token x tokens per chunk. The per-token and per-matrix counts below are
+# the tensors the code holds at its peak, counted from the code (see the comments).
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """The sizes of one decoder block that decide its memory."""
+
+    hidden: int  # d, the width of the hidden states
+    intermediate: int  # f, the FFN's inner width
+    heads: int  # attention heads (the attention scores of a window are heads x seqlen²)
+    params: int  # parameters of one block
+    dtype_bytes: int  # bytes per weight and activation element (model dtype)
+    gated: bool = True  # gate and up projections (LLaMA) or a single up projection (OPT)
+
+    @classmethod
+    def of_block(cls, block: nn.Module, hidden: int, heads: int, dtype_bytes: int) -> BlockShape:
+        """The shape of a real block: f is the widest side of its Linear layers."""
+        linear_sizes = [max(m.weight.shape) for m in block.modules() if _is_linear(m)]
+        gated = sum(1 for m in block.modules() if _is_linear(m)) >= 7
+        return cls(
+            hidden=hidden,
+            intermediate=max([hidden, *linear_sizes]),
+            heads=heads,
+            params=sum(p.numel() for p in block.parameters()),
+            dtype_bytes=dtype_bytes,
+            gated=gated,
+        )
+
+    @property
+    def ffn_weight_bytes(self) -> int:
+        """One f x d matrix in float32."""
+        return self.intermediate * self.hidden * F32
+
+
+def _is_linear(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and "Embedding" not in str(type(module))
+    )
+
+
+def forward_token_bytes(shape: BlockShape, seqlen: int) -> int:
+    """Device bytes per token of a block's forward pass with statistics hooks: hidden states in
+    and out, q/k/v/o and the FFN's inner activations in the model dtype, the float32 copy of a
+    hooked layer's input, and one row of attention scores per head (eager attention)."""
+    d, f, b = shape.hidden, shape.intermediate, shape.dtype_bytes
+    return (6 * d + 3 * f) * b + (d + f) * F32 + shape.heads * seqlen * F32
+
+
+def solver_token_bytes(shape: BlockShape, device_type: str) -> int:
+    """Device bytes per token of a SparseLLM pass: X rows and the target (float32, d), m, n,
+    the activation, z, s, act(s), p (f), the residual and q (d), and the elementwise update's
+    temporaries (a dozen f-wide rows on accelerators, a fixed cache-sized block on the CPU)."""
+    d, f = shape.hidden, shape.intermediate
+    elementwise = 12 * f if device_type != "cpu" else 0
+    return (4 * d + 7 * f + elementwise) * F32
+
+
+def solver_fixed_bytes(shape: BlockShape, method: str) -> int:
+    """Device bytes a block's solves hold whatever the chunk: SparseGPT: the d x d Hessian, its
+    factor and inverse, a float32 weight and its pruned copy. SparseLLM adds the FFN's dense and
+    current float32 weights (6 f x d), the three cross products, the stacked masked-CG run
+    (about 36 f x d: four candidates and their residual, direction, preconditioned residual and
+    product) and the f x f activation Gram with its factor and inverse."""
+    d, f = shape.hidden, shape.intermediate
+    local = 3 * d * d * F32 + 2 * f * d * F32
+    if method != "sparsellm":
+        return local
+    matrices = 6 + 3 + 36 if shape.gated else 4 + 2 + 20
+    return local + matrices * shape.ffn_weight_bytes + 3 * f * f * F32
+
+
+def block_bytes(shape: BlockShape) -> int:
+    """The block's own weights on the device."""
+    return shape.params * shape.dtype_bytes
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Device bytes the engine may use (``None``: no limit, the settings decide)."""
+
+    total: int | None
+
+    @classmethod
+    def resolve(cls, setting: str, device: torch.device) -> Budget:
+        """``--device-memory``: a size, or ``auto`` (90 % of what the device has free now;
+        no limit on the CPU, whose memory is the host's)."""
+        if setting != "auto":
+            return cls(parse_size(setting))
+        free = device_free(device)
+        return cls(None if free is None else int(free * 0.9))
+
+    def forward_windows(self, shape: BlockShape, seqlen: int, requested: int) -> int:
+        """Windows per forward pass: ``requested``, fewer if their activations do not fit."""
+        if self.total is None:
+            return requested
+        room = self.total - block_bytes(shape) - 3 * shape.hidden**2 * F32
+        fit = room // max(1, seqlen * forward_token_bytes(shape, seqlen))
+        return int(max(1, min(requested, fit)))
+
+    def solver_tokens(self, shape: BlockShape, default: int, device_type: str) -> int:
+        """Tokens per chunk of a SparseLLM pass: ``default`` without a limit, else what fits
+        next to the block and the solver's matrices (at least 64)."""
+        if self.total is None:
+            return default
+        room = self.total - block_bytes(shape) - solver_fixed_bytes(shape, "sparsellm")
+        return int(max(64, room // solver_token_bytes(shape, device_type)))
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in host memory: itself when it is there already, else a copy in pinned
+    memory (CUDA copies to and from pinned pages run asynchronously and twice as fast)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor)
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised host tensor, pinned when the work happens on CUDA."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")

@@ -12,6 +12,7 @@ from torch import nn
 from sparsellm.distributed import broadcast_
 from sparsellm.engine import BlockJob, BlockPruner, block_output
 from sparsellm.masks import SparsityTarget
+from sparsellm.memory import to_host
 from sparsellm.models import UnsupportedModelError, linear_weight, set_linear_weight
 from sparsellm.report import BlockResult, LayerReport
 from sparsellm.solvers import (
@@ -87,7 +88,7 @@ def collect_statistics(
             except StopForward:
                 continue
             if keep_outputs:
-                outputs.append(block_output(out))
+                outputs.append(to_host(block_output(out)))
     stats = collector.results()
     unseen = [name for name in layers if name not in stats]
     if unseen:

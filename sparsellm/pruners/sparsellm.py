@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from sparsellm.distributed import all_reduce_sum_, broadcast_, world
-from sparsellm.engine import BlockJob, BlockPruner
+from sparsellm.engine import BlockJob, BlockPruner, block_shape
 from sparsellm.layout import Layout, check_layout
+from sparsellm.memory import host_empty, to_host
 from sparsellm.models import FeedForward, linear_weight
 from sparsellm.pruners.layerwise import collect_statistics, solve_layers, write_solution
 from sparsellm.pruners.registry import Method
@@ -36,7 +37,8 @@ from sparsellm.settings import setting
 from sparsellm.solvers import LayerStatistics, Statistic, sparsegpt
 from sparsellm.solvers.sparsellm import FFNSolveResult, sparsellm_ffn
 
-CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes over the data
+CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes (no device budget: the CPU)
+_FFN_ROWS = 4096  # rows per chunk when the pruned FFN's outputs are formed
 
 
 @dataclass
@@ -61,25 +63,88 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return bias.detach() if bias is not None else None
 
 
-def _flat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+@dataclass
+class _FFNData:
+    """What the joint FFN solve works on, as ``[N, d]`` host tensors (tokens as rows)."""
+
+    X: torch.Tensor  # FFN inputs, model dtype
+    target: torch.Tensor  # float32: what the FFN should output
+    residual: torch.Tensor | None  # float32 r = B − F (residual path only)
 
 
-def _capture_ffn(job: BlockJob, ffn: FeedForward) -> tuple[torch.Tensor, ...]:
-    """FFN inputs, FFN outputs and block outputs over the calibration batches, as [N, d]."""
-    inputs, outputs = [], []
-    up, down = job.layers[ffn.up], job.layers[ffn.down]
-    handles = [
-        up.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach())),
+class _FFNRecorder:
+    """Fills the host buffers of :class:`_FFNData` batch by batch during one forward pass.
+
+    Only ``X`` and the float32 target (and residual) are kept: the FFN output and the block
+    output of a batch live on the device until the batch's target is formed, so the host
+    never holds more than those three ``[N, d]`` tensors besides the engine's own.
+    """
+
+    def __init__(self, job: BlockJob, dense: list[torch.Tensor], residual: bool):
+        self.job, self.dense, self.residual_path = job, dense, residual
+        self.tokens = job.inputs.tokens
+        self.data: _FFNData | None = None
+        self.ffn_out: torch.Tensor | None = None
+        self.batch = self.x_rows = self.rows = 0
+
+    def _buffers(self, x: torch.Tensor) -> _FFNData:
+        shape, device = (self.tokens, x.shape[-1]), self.job.options.device
+        target = host_empty(shape, torch.float32, device)
+        residual = host_empty(shape, torch.float32, device) if self.residual_path else None
+        return _FFNData(host_empty(shape, x.dtype, device), target, residual)
+
+    def on_input(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        self.data = self.data or self._buffers(x)
+        self.data.X[self.x_rows : self.x_rows + x.shape[0]].copy_(x)
+        self.x_rows += x.shape[0]
+
+    def on_output(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         # A copy: some blocks (Falcon) add into the FFN output in place afterwards.
-        down.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone())),
+        self.ffn_out = output.detach().clone()
+
+    def on_block(self, block_out: torch.Tensor) -> None:
+        """The batch's block output: form its target (and residual) rows."""
+        d = block_out.shape[-1]
+        ffn_out = self.ffn_out.reshape(-1, d)
+        rows = slice(self.rows, self.rows + ffn_out.shape[0])
+        if self.residual_path:
+            residual = block_out.reshape(-1, d).float().sub_(ffn_out)  # r = B − F
+            dense = self.dense[self.batch].reshape(-1, d).to(residual.device)
+            # Y = B₀ − r: the FFN's error *is* the block's output error. (Not in place: the
+            # dense outputs are the guard's reference.)
+            self.data.target[rows].copy_(torch.sub(dense, residual))
+            self.data.residual[rows].copy_(residual)
+        else:
+            self.data.target[rows].copy_(ffn_out)
+        self.rows, self.batch, self.ffn_out = rows.stop, self.batch + 1, None
+
+
+def _capture_ffn(
+    job: BlockJob, ffn: FeedForward, dense: list[torch.Tensor], residual: bool
+) -> _FFNData:
+    """FFN inputs and targets (and the residual) over the calibration batches, on the host."""
+    recorder = _FFNRecorder(job, dense, residual)
+    handles = [
+        job.layers[ffn.up].register_forward_hook(recorder.on_input),
+        job.layers[ffn.down].register_forward_hook(recorder.on_output),
     ]
     try:
-        blocks = job.forward()
+        job.forward(collect=recorder.on_block)
     finally:
         for handle in handles:
             handle.remove()
-    return _flat(inputs), _flat(outputs), _flat(blocks)
+    return recorder.data
+
+
+def _pruned_outputs(job: BlockJob, ffn: FeedForward, data: _FFNData) -> list[torch.Tensor]:
+    """Block outputs ``r + FFN(X)`` with the pruned FFN, written over the residual, cut back
+    into the engine's batches; the FFN runs on the device a chunk of rows at a time."""
+    rows = _FFN_ROWS
+    for start in range(0, data.X.shape[0], rows):
+        x = data.X[start : start + rows].to(job.options.device, non_blocking=True)
+        data.residual[start : start + rows] += to_host(ffn.forward(x, job.layers, chunk=rows))
+    return _as_batches(data.residual, job.inputs.hidden)
 
 
 def _layout(job: BlockJob) -> Layout:
@@ -109,27 +174,26 @@ def _split_weights(
 
 
 def _solve_ffn(
-    job: BlockJob,
-    ffn: FeedForward,
-    X: torch.Tensor,
-    Y: torch.Tensor,
-    options: SparseLLMOptions,
+    job: BlockJob, ffn: FeedForward, data: _FFNData, options: SparseLLMOptions
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], FFNSolveResult]:
-    """The joint FFN solve of ``FFN(X) ≈ Y``: the original weights by layer name and the new
-    ones."""
+    """The joint FFN solve of ``FFN(X) ≈ target``: the original weights by layer name and the
+    new ones."""
     originals = {
         name: linear_weight(job.layers[name]).detach().to(torch.float32, copy=True)
         for name in ffn.names
     }
     reduce = all_reduce_sum_ if world()[1] > 1 else None
+    device = job.options.device
+    shape = block_shape(job.adapter, job.block, data.X.shape[1])
+    chunk = job.options.budget.solver_tokens(shape, CHUNK_TOKENS, device.type)
     with torch.no_grad():  # learned activations (xIELU) carry parameters that need no grad
         result = sparsellm_ffn(
-            X,
-            Y,
+            data.X,
+            data.target,
             target=job.target,
             activation=ffn.activation,
-            chunk_size=CHUNK_TOKENS,
-            device=job.options.device,
+            chunk_size=chunk,
+            device=device,
             reduce=reduce,
             **_split_weights(job, ffn, originals),
             **dataclasses.asdict(options),
@@ -142,13 +206,6 @@ def _solve_ffn(
     # Every rank solved the same problem; rank 0's answer keeps them bit-identical.
     new = {name: broadcast_(weight.contiguous()) for name, weight in new.items()}
     return originals, new, result
-
-
-def _input_statistics(X: torch.Tensor) -> LayerStatistics:
-    x32 = X.to(torch.float32)
-    gram = all_reduce_sum_(x32.T @ x32)
-    tokens = int(all_reduce_sum_(torch.tensor([float(x32.shape[0])], device=gram.device)))
-    return LayerStatistics(tokens=tokens, hessian=gram / tokens)
 
 
 def _as_batches(rows: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -189,21 +246,16 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
                 layers=rows, path="layerwise", reason=layout.reason, dense_outputs=dense_out
             )
 
-        X, ffn_out, block_out = _capture_ffn(job, ffn)
-        residual = block_out.float().sub_(ffn_out) if layout.residual else None  # r = B − F
-        # Residual path: Y = B₀ − r, so the FFN's error *is* the block's output error.
-        target = _flat(dense_out).float().sub_(residual) if layout.residual else ffn_out
-        del block_out
-        originals, new, result = _solve_ffn(job, ffn, X, target, options)
-        del target, ffn_out
-        input_stats = _input_statistics(X)
+        data = _capture_ffn(job, ffn, dense_out, layout.residual)
+        originals, new, result = _solve_ffn(job, ffn, data, options)
+        data.target = None  # the largest float32 copy; not needed again
+        input_stats = LayerStatistics(tokens=result.tokens, hessian=result.input_gram)
         rows += [
             write_solution(job, n, originals[n], new[n], None if n == ffn.down else input_stats)
             for n in ffn.names
         ]
-        outputs = None
-        if layout.residual:
-            outputs = _as_batches(residual.add_(ffn.forward(X, job.layers)), job.inputs.hidden)
+        outputs = _pruned_outputs(job, ffn, data) if layout.residual else None
+        del data
         return BlockResult(
             layers=rows,
             path="residual" if layout.residual else "ffn-output",

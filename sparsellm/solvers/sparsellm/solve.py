@@ -73,7 +73,10 @@ def sparsellm_ffn(
         epochs: alternation rounds after the initial pruning (0 = sequential SparseGPT with a
             final down-projection fit on the pruned activations).
         alpha, beta, gamma: penalties; ``None`` = automatic (each term divided by its dense scale).
-        chunk_size, device: tokens per block of a pass; where to compute (z, s stay on X's).
+        chunk_size, device: tokens per block of a pass; where to compute. X, Y and the
+            auxiliaries z, s stay where X is (host memory) and visit ``device`` a chunk at a
+            time; z, s are stored only when ``epochs`` > 1 (the first epoch recomputes the
+            dense pre-activations from X).
         dampening, blocksize: Gram damping (fraction of the mean diagonal); OBS column block.
         progress: called with a dict after each stage.
         reduce: for tokens sharded across processes, an in-place all-reduce sum; every token
@@ -231,6 +234,8 @@ def _result(
         beta=penalties.beta,
         gamma=penalties.gamma,
         info=log.info,
+        input_gram=(state.input_gram / state.tokens).to(out_device),
+        tokens=state.tokens,
     )
 
 

@@ -37,6 +37,7 @@ from sparsellm.solvers.sparsellm.state import (
     NamedSums,
     Penalties,
     SolveLog,
+    affine,
     check_finite,
 )
 from sparsellm.solvers.sparsellm.weights import (
@@ -114,8 +115,7 @@ def dense_pass(problem: FFNProblem, epochs: int) -> DensePass:
     tokens_all = torch.tensor([float(N)], dtype=torch.float64, device=dev)
     problem.all_sum(tokens_all)
     out = DensePass(
-        z=torch.empty(N, f, dtype=f32, device=problem.store),
-        s=torch.empty(N, f, dtype=f32, device=problem.store) if problem.gated else None,
+        tokens=int(tokens_all),
         input_gram=torch.zeros(d, d, dtype=f32, device=dev),
         input_sum=torch.zeros(d, dtype=f32, device=dev),
         down_gram=torch.zeros(f, f, dtype=f32, device=dev),
@@ -145,10 +145,8 @@ def _dense_chunk(
     out.input_gram.addmm_(rows.T, rows)
     out.input_sum += rows.sum(0)
     hidden, m, n = problem.forward_hidden(rows, problem.dense_up, problem.dense_gate)
-    out.z[start:stop] = m
     scales.add("up", sq_norm(m))
     if n is not None:
-        out.s[start:stop] = n
         scales.add("gate", sq_norm(n))
     scales.add("act", sq_norm(hidden))
     scales.add("target", sq_norm(target))
@@ -174,14 +172,15 @@ def initial_pruning(
         up=problem.dense_up,
         gate=problem.dense_gate,
         down=problem.dense_down,
-        z=dense.z,
-        s=dense.s,
+        z=None,
+        s=None,
         input_gram=gram,
         input_gram_inverse=inverse,
         input_sum=dense.input_sum,
         penalties=penalties,
         target_sq=dense.scales["target"],
         output_sq=dense.scales["output"] if dense.scales["output"] > 0 else 1.0,
+        tokens=dense.tokens,
     )
     # z, s are the dense pre-activations, so C = W_dense·H exactly: no pass needed.
     up_cross = problem.dense_up @ gram
@@ -266,12 +265,36 @@ def _epoch_pass(problem: FFNProblem, state: FFNState, last: bool) -> _EpochSums:
         down_cross=None if last else torch.zeros(d, f, dtype=f32, device=dev),
         terms=NamedSums(EPOCH_TERMS, dev),
     )
+    fresh = state.z is None  # z, s are still the dense pre-activations: recompute them
+    if fresh and not last:  # the next epoch starts from this one's auxiliaries
+        state.z = problem.store_empty(f)
+        state.s = problem.store_empty(f) if problem.gated else None
     for start, stop in problem.chunks:
-        _epoch_chunk(problem, state, sums, p_inverse, start, stop)
+        z, s = _load_auxiliaries(problem, state, fresh, start, stop)
+        _epoch_chunk(problem, state, sums, p_inverse, (z, s), start, stop)
+        if not last and (fresh or z.device != problem.store):
+            state.z[start:stop] = z
+            if problem.gated:
+                state.s[start:stop] = s
     gate = [sums.gate_cross] if problem.gated else []
     down = [] if last else [sums.down_gram, sums.down_cross]
     problem.all_sum(sums.up_cross, sums.terms.tensor, *gate, *down)
     return sums
+
+
+def _load_auxiliaries(
+    problem: FFNProblem, state: FFNState, fresh: bool, start: int, stop: int
+) -> tuple[Tensor, Tensor | None]:
+    """z, s of tokens ``start:stop`` on the work device: recomputed dense pre-activations
+    (``fresh``), else the stored ones (views, updated in place, when stored there)."""
+    if fresh:
+        rows = problem.X[start:stop].to(problem.device, torch.float32, non_blocking=True)
+        z = affine(rows, problem.dense_up, problem.up_bias)
+        s = affine(rows, problem.dense_gate, problem.gate_bias) if problem.gated else None
+        return z, s
+    z = state.z[start:stop].to(problem.device, non_blocking=True)
+    s = state.s[start:stop].to(problem.device, non_blocking=True) if problem.gated else None
+    return z, s
 
 
 def _epoch_chunk(
@@ -279,17 +302,17 @@ def _epoch_chunk(
     state: FFNState,
     sums: _EpochSums,
     p_inverse: Tensor,
+    auxiliaries: tuple[Tensor, Tensor | None],
     start: int,
     stop: int,
 ) -> None:
+    """The auxiliary update of tokens ``start:stop`` (z, s in place) and their sums."""
     rows, target = problem.load(start, stop)
+    z, s = auxiliaries
     hidden, m, n = problem.forward_hidden(rows, state.up, state.gate)
     error = torch.addmm(target, hidden, state.down.T, alpha=1.0, beta=-1.0)
     sums.terms.add("output", sq_norm(error))
     del hidden, error
-    # Views of the stored auxiliaries when they live on the work device (updated in place).
-    z = state.z[start:stop].to(problem.device)
-    s = state.s[start:stop].to(problem.device) if problem.gated else None
     gate_value = problem.act.fn(s) if problem.gated else None  # act(s) before the update
     hidden = ffn_hidden(problem.act.fn, s, z, gate_value)
     p, q, r_sq = p_update(hidden, target, state.down, p_inverse)
@@ -301,10 +324,6 @@ def _epoch_chunk(
     update_auxiliaries(
         problem.act, ratios.up_ratio, ratios.gate_ratio, m, n, z, s, p, gate_value, sums.terms
     )
-    if z.device != problem.store:
-        state.z[start:stop] = z
-        if problem.gated:
-            state.s[start:stop] = s
     sums.up_cross.addmm_(z.T, rows)
     if problem.gated:
         sums.gate_cross.addmm_(s.T, rows)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sparsellm.masks import SparsityTarget
+from sparsellm.memory import host_empty
 from sparsellm.models.feed_forward import ffn_hidden
 from sparsellm.solvers.base import NumericalError
 from sparsellm.solvers.sparsellm.activations import Activation
@@ -64,6 +65,8 @@ class FFNSolveResult:
     beta: float
     gamma: float
     info: dict[str, Any] = field(default_factory=dict)
+    input_gram: Tensor | None = None  # XᵀX / tokens over every rank (float32, d × d)
+    tokens: int = 0  # tokens over every rank
 
 
 class NamedSums:
@@ -127,6 +130,14 @@ class FFNProblem:
     def store(self) -> torch.device:
         """Where X, Y and the auxiliaries z, s live."""
         return self.X.device
+
+    def store_empty(self, width: int) -> Tensor:
+        """An uninitialised float32 ``[N, width]`` tensor on the store (pinned host memory
+        when the work happens on CUDA)."""
+        shape = (self.X.shape[0], width)
+        if self.store.type == "cpu":
+            return host_empty(shape, torch.float32, self.device)
+        return torch.empty(shape, dtype=torch.float32, device=self.store)
 
     def all_sum(self, *sums: Tensor) -> None:
         """Sum token sums in place over every process holding tokens (no-op when alone)."""
@@ -201,8 +212,7 @@ class Penalties:
 class DensePass:
     """What the init pass learns with the dense weights (see :func:`.stages.dense_pass`)."""
 
-    z: Tensor  # [N, f] dense up pre-activations m₀, on the store
-    s: Tensor | None  # [N, f] dense gate pre-activations n₀
+    tokens: int  # over every rank
     input_gram: Tensor  # H = XᵀX [d, d]
     input_sum: Tensor  # column sums of X [d]
     down_gram: Tensor  # a₀ᵀa₀ over a strided token sample [f, f]
@@ -218,14 +228,17 @@ class FFNState:
     up: Tensor  # W1 now in use
     gate: Tensor | None  # Wg now in use
     down: Tensor  # W2 now in use
-    z: Tensor  # [N, f] auxiliary up pre-activation, on the store
-    s: Tensor | None  # [N, f] auxiliary gate pre-activation
+    # [N, f] auxiliary up / gate pre-activations on the store; None while they are the dense
+    # pre-activations m₀, n₀, which the first epoch recomputes from X rather than storing.
+    z: Tensor | None
+    s: Tensor | None
     input_gram: Tensor  # H = XᵀX, the Gram of every up/gate solve
     input_gram_inverse: Tensor  # its damped inverse, computed once
     input_sum: Tensor  # column sums of X: fold the biases into the cross-products
     penalties: Penalties
     target_sq: float  # ‖T‖² = ‖Y − b2‖²
     output_sq: float  # ‖Y‖² (1 when Y = 0): denominator of every output_error
+    tokens: int  # over every rank
 
 
 @dataclass
