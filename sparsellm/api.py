@@ -12,6 +12,7 @@ from sparsellm.data import calibration_windows, evaluation_windows
 from sparsellm.distributed import shard, world
 from sparsellm.engine import BlockStore, EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
+from sparsellm.memory import Budget
 from sparsellm.models import get_adapter
 from sparsellm.pruners import fallback_pruner, get_method
 from sparsellm.report import PruneReport
@@ -92,8 +93,10 @@ def prune(
     windows = None
     if method.needs_calibration:
         windows = _calibration(tokenizer, config, calibration_ids, report)
+    device = default_device(config.device)
     engine_options = EngineOptions(
-        device=default_device(config.device),
+        device=device,
+        budget=Budget.resolve(config.device_memory, device),
         batch_size=config.batch_size,
         skip=config.skip,
         progress=progress,

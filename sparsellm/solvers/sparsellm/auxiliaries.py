@@ -34,12 +34,16 @@ Derivs = tuple[Tensor, Tensor, Tensor]  # act, act', act'' at the same points
 
 def p_system(W2: Tensor, c: float) -> Tensor:
     """``(W2 W2ᵀ + c I)⁻¹`` (d × d, float32) for the Woodbury form of the p-update, c = γ/β."""
-    K = (W2 @ W2.T).to(torch.float64)
-    K.diagonal().add_(c)
-    L, failed = torch.linalg.cholesky_ex(K)
-    if failed:
-        raise NumericalError("p-update system W2W2ᵀ + (γ/β)I is not positive definite")
-    return torch.cholesky_inverse(L).to(torch.float32)
+    # float64 on the CPU; float32 on accelerators (slow float64), where the shift c > 0 keeps
+    # K well conditioned; a failed factorisation is retried in float64.
+    work = torch.float64 if W2.device.type == "cpu" else torch.float32
+    for dtype in dict.fromkeys((work, torch.float64)):
+        K = (W2 @ W2.T).to(dtype)
+        K.diagonal().add_(c)
+        L, failed = torch.linalg.cholesky_ex(K)
+        if not failed:
+            return torch.cholesky_inverse(L).to(torch.float32)
+    raise NumericalError("p-update system W2W2ᵀ + (γ/β)I is not positive definite")
 
 
 def p_update(sig: Tensor, T: Tensor, W2: Tensor, Kinv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,7 +188,10 @@ def update_auxiliaries(
     (``"gate"``) and ‖p − σ(s, z)‖² (``"act"``) of the updated values.
     """
     rows, width = z.shape
-    step = max(1, _ELEMENTWISE_BLOCK // max(width, 1))
+    # On the CPU blocks that stay in cache; on accelerators the whole chunk at once (each
+    # block costs ~40 kernel launches, and the chunk already fits the device budget).
+    block = _ELEMENTWISE_BLOCK if z.device.type == "cpu" else z.numel()
+    step = max(1, block // max(width, 1))
     for r0 in range(0, rows, step):
         sl = slice(r0, r0 + step)
         if s is not None:
