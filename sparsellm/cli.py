@@ -71,6 +71,7 @@ def _settings(args: argparse.Namespace, schema: type) -> dict:
 
 def run_prune(args: argparse.Namespace) -> int:
     from sparsellm.distributed import is_main
+    from sparsellm.offload import offload_mode
 
     started = time.perf_counter()
     config = prune_config(_settings(args, PruneConfig))
@@ -78,28 +79,28 @@ def run_prune(args: argparse.Namespace) -> int:
         check_source(config.calibration)
     if config.eval:
         check_source(config.eval)
-    session = _PruneSession(config, progress=not args.quiet)
+    offload = offload_mode(config.offload, config.model) == "disk"
+    if offload and config.save_format != "dense":
+        raise UserError(f"--offload disk writes the dense format only, not {config.save_format!r}")
+    session = _PruneSession(config, progress=not args.quiet, offload=offload)
     report = session.run(started)
     if not is_main():
         return 0
-    from sparsellm.saving import save_model
-
-    output = save_model(
-        session.model,
-        session.tokenizer,
-        config.output,
-        save_format=config.save_format,
-        reports={REPORT: report},
-    )
+    output = session.write(report)
     print(report.summary())
     print(f"pruned model written to {output}")
     return 0
 
 
 class _PruneSession:
-    """One ``sparsellm prune`` run: load, score the dense model, prune, score again."""
+    """One ``sparsellm prune`` run: load, score the dense model, prune, score again, write.
 
-    def __init__(self, config: PruneConfig, progress: bool):
+    In memory, the model is loaded whole and saved at the end. Offloaded (``offload``), it is
+    a skeleton whose blocks are read from the checkpoint's shards one at a time; the pruning
+    store writes each pruned block into the staged output at once, and evaluation streams the
+    blocks from the source (dense) or from the shards written (pruned)."""
+
+    def __init__(self, config: PruneConfig, progress: bool, offload: bool = False):
         from sparsellm.api import default_device
         from sparsellm.distributed import init_from_environment, is_main
 
@@ -108,19 +109,28 @@ class _PruneSession:
         self.device = init_from_environment(default_device(config.device))
         self.main_rank = is_main()
         self.progress = progress and self.main_rank
+        self.offload = offload
+        self.offloaded = None
 
     def run(self, started: float):
+        try:
+            return self._run(started)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _run(self, started: float):
         from sparsellm.api import prune
-        from sparsellm.loading import load_model_and_tokenizer
 
         config = self.config
-        self.model, self.tokenizer = load_model_and_tokenizer(
-            config.model, config.dtype, self.device
-        )
+        self._load()
         loaded = time.perf_counter()
         eval_windows = self._eval_windows()
         perplexity = {"dense": self._score(eval_windows, "dense")} if config.eval else {}
-        report = prune(self.model, self.tokenizer, config, progress=self.progress)
+        store = None
+        if self.offloaded is not None:  # only rank 0 writes; the other ranks drop blocks
+            store = self.offloaded.pruning_store(config.output if self.main_rank else None)
+        report = prune(self.model, self.tokenizer, config, progress=self.progress, store=store)
         report.model = config.model
         report.timings["load"] = loaded - started
         if config.eval:
@@ -128,6 +138,43 @@ class _PruneSession:
             report.perplexity = perplexity
         report.timings["total"] = time.perf_counter() - started
         return report
+
+    def _load(self) -> None:
+        config = self.config
+        if self.offload:
+            from sparsellm.offload import OffloadedModel
+
+            self.offloaded = OffloadedModel(config.model, config.dtype, self.device)
+            self.model, self.tokenizer = self.offloaded.model, self.offloaded.tokenizer
+        else:
+            from sparsellm.loading import load_model_and_tokenizer
+
+            self.model, self.tokenizer = load_model_and_tokenizer(
+                config.model, config.dtype, self.device
+            )
+
+    def write(self, report) -> object:
+        """Write the pruned model and its report (rank 0); the output directory."""
+        try:
+            if self.offloaded is not None:
+                return self.offloaded.finish({REPORT: report})
+            from sparsellm.saving import save_model
+
+            config = self.config
+            return save_model(
+                self.model,
+                self.tokenizer,
+                config.output,
+                save_format=config.save_format,
+                reports={REPORT: report},
+            )
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        if self.offloaded is not None:
+            self.offloaded.discard()
 
     def _eval_windows(self):
         if not self.config.eval:
@@ -141,6 +188,15 @@ class _PruneSession:
     def _score(self, windows, label: str) -> float:
         from sparsellm.evaluation import windows_perplexity
 
+        store, across_ranks = None, True
+        if self.offloaded is not None:
+            dense = label == "dense"
+            store = self.offloaded.source_store() if dense else None
+            if not dense:
+                # Only rank 0 wrote the pruned blocks, so it scores them alone.
+                if not self.main_rank:
+                    return float("nan")
+                store, across_ranks = self.offloaded.output_store(), False
         # The model stays where it was loaded; blocks stream through the device if needed.
         value = windows_perplexity(
             self.model,
@@ -148,7 +204,8 @@ class _PruneSession:
             batch_size=self.config.batch_size,
             device=self.device,
             progress=self.progress,
-            across_ranks=True,
+            across_ranks=across_ranks,
+            store=store,
         )
         if self.main_rank and label == "dense":
             print(f"dense perplexity: {value:.3f}", flush=True)

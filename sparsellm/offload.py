@@ -120,28 +120,30 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def resolve_offload_dtype(name: str, config: object) -> torch.dtype:
-    """The run's dtype: as asked, or for ``auto`` the checkpoint's (float32 if unrecorded) —
-    an offloaded model is meant to be processed in the dtype it is stored in."""
-    from sparsellm.loading import DTYPES, ModelLoadError
+def resolve_offload_dtype(name: str, config: object, device: torch.device) -> torch.dtype:
+    """The run's dtype, as :func:`~sparsellm.loading.resolve_dtype` chooses it for the
+    in-memory path (so both give the same weights); ``auto`` on an accelerator is the dtype the
+    checkpoint's config records (float32 if none)."""
+    from sparsellm.loading import resolve_dtype
 
-    if name != "auto":
-        if name not in DTYPES:
-            raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-        return DTYPES[name]
+    resolved = resolve_dtype(name, device)
+    if isinstance(resolved, torch.dtype):
+        return resolved
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
-def build_skeleton(directory: Path, dtype: str) -> nn.Module:
+def build_skeleton(directory: Path, dtype: str, device: torch.device) -> nn.Module:
     """The causal LM of ``directory``'s config with its parameters on ``meta``."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(directory)
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_offload_dtype(dtype, config))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_offload_dtype(dtype, config, device)
+        )
     with contextlib.suppress(OSError):  # a checkpoint without generation_config.json
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()
@@ -315,17 +317,20 @@ class DiskStore(BlockStore):
 
 class OffloadedModel:
     """A model processed out of core from the safetensors checkpoint in ``directory``: the
-    skeleton with everything outside the blocks loaded, its tokenizer, and the stores that
-    read the source, prune into ``output`` and read what was written."""
+    skeleton with everything outside the blocks loaded (on the host), its tokenizer, and the
+    stores that read the source, prune into ``output`` and read what was written. ``dtype``
+    and ``device`` choose the weights' dtype as the in-memory loader does."""
 
-    def __init__(self, directory: str | Path, dtype: str = "auto"):
+    def __init__(
+        self, directory: str | Path, dtype: str = "auto", device: torch.device | None = None
+    ):
         from sparsellm.models import get_adapter
 
         checkpoint = find_checkpoint(str(directory))
         if checkpoint is None:
             raise OffloadError(f"{str(directory)!r} is not a directory of safetensors shards")
         self.checkpoint = checkpoint
-        self.model = build_skeleton(checkpoint.directory, dtype)
+        self.model = build_skeleton(checkpoint.directory, dtype, device or torch.device("cpu"))
         self.names = match_names(self.model, checkpoint)
         self.adapter = get_adapter(self.model)
         self.tokenizer = _tokenizer(checkpoint.directory)
