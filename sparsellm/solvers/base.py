@@ -15,7 +15,7 @@ import torch
 # NumericalError lives in sparsellm.errors so that sparsellm.linalg can raise it without an
 # import cycle; solvers and their callers keep importing it from here.
 from sparsellm.errors import NumericalError
-from sparsellm.linalg import DAMPING_RETRIES, damped_cholesky
+from sparsellm.linalg import DAMPING_RETRIES, damped_cholesky, factor_dtype
 
 
 class Statistic(Enum):
@@ -33,6 +33,9 @@ class LayerStatistics:
     tokens: int
     sq_norms: torch.Tensor | None = None  # [in]: sum over tokens of x_j²
     hessian: torch.Tensor | None = None  # [in, in]: X Xᵀ / tokens
+    # What a solver derived from these statistics alone (SparseGPT's inverse factor), kept for
+    # the other layers sharing them (q/k/v, gate/up); the pruner clears it after the group.
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -53,10 +56,10 @@ def inverse_hessian_cholesky(
 
     Returns ``U`` (float32), the damping fraction λ used and how often the damping had to be
     raised (:func:`~sparsellm.linalg.damped_cholesky`'s rule), so the caller can report it; an
-    identity is never substituted. Factorised in float64 up to 4096 columns (larger Grams
-    would cost too much memory and time in float64).
+    identity is never substituted. Factorised in :func:`~sparsellm.linalg.factor_dtype`
+    (float64 on the CPU up to 4096 columns, float32 on GPUs and for wider Grams).
     """
-    H = hessian.to(torch.float64) if hessian.shape[0] <= 4096 else hessian
+    H = hessian.to(factor_dtype(hessian))
     fraction, retries = dampening, 0
     while True:
         # The inverse must factor too (in float32 it may not, for a wide ill-conditioned H):

@@ -5,9 +5,14 @@ Minimises ``‖W X − Ŵ X‖²`` column by column. With ``U`` the upper Choles
 ``−(w_j / U_jj) · U_j,j:``, which keeps the remaining columns optimal for the columns already
 fixed. Columns are processed in blocks: inside a block updates are applied eagerly, the block's
 accumulated error is pushed to later columns with one matrix product.
+
+``U`` depends on ``H`` alone, so layers sharing their inputs (q/k/v, gate/up) share it: it is
+computed once per statistics object (:func:`inverse_factor`, kept in ``stats.memo``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -23,8 +28,35 @@ def sparsegpt(
     blocksize: int = 128,
     dampening: float = 0.01,
 ) -> SolveResult:
-    """Prune ``weight`` [out, in] to ``target`` given the input Gram matrix ``stats.hessian``."""
-    return obs_prune(weight, stats.hessian, target, blocksize=blocksize, dampening=dampening)
+    """Prune ``weight`` [out, in] to ``target`` given the input Gram matrix ``stats.hessian``.
+
+    The inverse factor is taken from ``stats.memo`` when a layer sharing ``stats`` left it there
+    (it is the same computation on the same matrix, so the numbers do not change).
+    """
+    key = ("sparsegpt.inverse_factor", dampening)
+    factor = stats.memo.get(key)
+    if factor is None:
+        factor = stats.memo[key] = inverse_factor(stats.hessian, dampening)
+    return obs_prune(
+        weight, stats.hessian, target, blocksize=blocksize, dampening=dampening, factor=factor
+    )
+
+
+class InverseFactor(NamedTuple):
+    """What an OBS sweep needs of ``H``: see :func:`inverse_factor`."""
+
+    upper: torch.Tensor  # U, upper Cholesky factor of the damped H⁻¹ (float32)
+    damping: float  # the damping fraction used
+    retries: int  # how often the damping was raised
+
+
+def inverse_factor(hessian: torch.Tensor, dampening: float) -> InverseFactor:
+    """``U`` of ``(H + λ·mean(diag H)·I)⁻¹`` with dead inputs (zero diagonal) given a unit
+    diagonal, as in SparseGPT (:func:`~sparsellm.solvers.base.inverse_hessian_cholesky`)."""
+    H = hessian.detach().to(torch.float32).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    return InverseFactor(*inverse_hessian_cholesky(H, dampening))
 
 
 def obs_prune(
@@ -34,18 +66,22 @@ def obs_prune(
     *,
     blocksize: int = 128,
     dampening: float = 0.01,
+    factor: InverseFactor | None = None,
 ) -> SolveResult:
-    """Sparse least squares ``min ‖(W − Ŵ) A‖²`` for ``H = A Aᵀ`` by one OBS sweep."""
+    """Sparse least squares ``min ‖(W − Ŵ) A‖²`` for ``H = A Aᵀ`` by one OBS sweep.
+
+    ``factor``: :func:`inverse_factor` of ``hessian`` and ``dampening`` when the caller already
+    has it (layers sharing ``H``); computed here otherwise.
+    """
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float32).clone()
     rows, cols = W.shape
     if target.is_nm and blocksize % target.m:
         raise ValueError(f"blocksize {blocksize} is not a multiple of M={target.m}")
 
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U, damping, retries = inverse_hessian_cholesky(H, dampening)
+    W[:, hessian.diagonal().to(torch.float32) == 0] = 0.0  # dead inputs
+    if factor is None:
+        factor = inverse_factor(hessian, dampening)
+    U, damping, retries = factor
 
     starts = list(range(0, cols, blocksize))
     if not target.is_nm:

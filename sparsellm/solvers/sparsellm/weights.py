@@ -25,7 +25,7 @@ from torch import Tensor
 from sparsellm.linalg import damped_cholesky
 from sparsellm.masks import SparsityTarget
 from sparsellm.solvers.base import NumericalError
-from sparsellm.solvers.sparsegpt import obs_prune
+from sparsellm.solvers.sparsegpt import inverse_factor, obs_prune
 
 # Iterative-refinement steps of the damped dense LS solution (removes most damping bias).
 _LS_REFINE = 2
@@ -150,9 +150,13 @@ def sparse_ls_steps(
     CG-refined on their masks in one stacked CG run (rows are independent problems).
     """
     cands, refs, crosses, owners, retries = [], [], [], [], {}
+    # U of the damped H⁻¹ depends on H alone: one factorisation serves every problem here.
+    factor = inverse_factor(gram, dampening)
     for k, pb in enumerate(problems):
         dense = anchored_ls(pb.anchor, gram, pb.cross, inverse)
-        res = obs_prune(dense, gram, target, blocksize=blocksize, dampening=dampening)
+        res = obs_prune(
+            dense, gram, target, blocksize=blocksize, dampening=dampening, factor=factor
+        )
         if not torch.isfinite(res.weight).all():
             raise NumericalError(f"OBS sweep of {pb.name} produced non-finite weights")
         retries[k] = res.damping_retries
