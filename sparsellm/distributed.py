@@ -2,15 +2,19 @@
 
 Each rank holds a share of the calibration windows and pushes only those through the blocks.
 The statistics a layer-wise solver needs are sums over tokens, so they are all-reduced and
-every rank solves the same problem; rank 0's solved weight is then broadcast, so the ranks
-hold bit-identical models whatever their kernels' float ordering. Without an initialised
-process group (or with one rank) every function here is a no-op.
+every rank holds the same problems. The solves are then shared: :func:`balanced_owners` gives
+each one (a group of layers, a weight step) to one rank, deterministically and the same on every
+rank, and the owner broadcasts its answer, so each problem is solved once and the ranks hold
+bit-identical models whatever their kernels' float ordering. Without an initialised process
+group (or with one rank) every function here is a no-op.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,10 +22,13 @@ import torch.distributed as dist
 from sparsellm.errors import UserError
 
 __all__ = [
+    "Ranks",
     "all_reduce_sum_",
+    "balanced_owners",
     "broadcast_",
     "init_from_environment",
     "is_main",
+    "ranks",
     "shard",
     "world",
 ]
@@ -64,6 +71,45 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if world()[1] > 1:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def balanced_owners(costs: Sequence[float], size: int) -> list[int]:
+    """The rank that solves each of the problems whose costs are ``costs``.
+
+    Greedy longest-processing-time: problems in decreasing cost (ties: lower index first) each
+    go to the least loaded rank (ties: lower rank). Only costs and ``size`` enter, so every rank
+    computes the same assignment without talking to the others.
+    """
+    loads = [0.0] * size
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(size), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += costs[index]
+    return owners
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks that share the solves, as a pure solver sees it:
+    who solves what (:meth:`owners`) and how the owner's answer reaches the others."""
+
+    rank: int
+    size: int
+
+    def owners(self, costs: Sequence[float]) -> list[int]:
+        """The owner rank of each problem (:func:`balanced_owners`)."""
+        return balanced_owners(costs, self.size)
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Overwrite ``tensor`` with rank ``src``'s, in place."""
+        return broadcast_(tensor, src)
+
+
+def ranks() -> Ranks | None:
+    """The :class:`Ranks` of this process, or None in a single process (nothing to share)."""
+    rank, size = world()
+    return Ranks(rank, size) if size > 1 else None
 
 
 def init_from_environment(device: torch.device) -> torch.device:

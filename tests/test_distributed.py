@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import VOCAB, tiny_model
 
 from sparsellm import prune_model
-from sparsellm.errors import UserError
+from sparsellm.errors import NumericalError, UserError
 from sparsellm.optim import sparsifiable_parameters
 
 
@@ -24,26 +27,74 @@ def prune(method: str) -> torch.nn.Module:
     return model
 
 
-def _rank(rank: int, world: int, init_file: str, out: str, method: str) -> None:
+def _rank(rank: int, world: int, init_file: str, out: str, method: str, fail: str = "") -> None:
+    """One gloo rank: prune, save the model and how many OBS sweeps this rank ran (the layer
+    solves and the FFN weight steps); on rank 1 the first sweep of kind ``fail`` fails."""
+    import datetime
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A rank that waits on a broadcast nobody sends fails the test instead of hanging it.
+    timeout = datetime.timedelta(seconds=120)
+    init = f"file://{init_file}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
     try:
-        model = prune(method)
+        with count_obs_sweeps(fail=fail if rank == 1 else "") as counts:
+            model = prune(method)
         torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+        with open(f"{out}/counts{rank}.json", "w") as f:
+            json.dump(counts, f)
     finally:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def count_obs_sweeps(fail: str = ""):
+    """Count the OBS sweeps of layer solves (``layer``) and of FFN weight steps (``ffn``);
+    the first sweep of kind ``fail`` raises a NumericalError instead."""
+    import importlib
+
+    # By module path: the package's ``sparsegpt`` attribute is the solver function.
+    sparsegpt_solver = importlib.import_module("sparsellm.solvers.sparsegpt")
+    weights = importlib.import_module("sparsellm.solvers.sparsellm.weights")
+
+    counts = {"layer": 0, "ffn": 0}
+
+    def counting(kind, solve):
+        def wrapped(*args, **kwargs):
+            counts[kind] += 1
+            if kind == fail and counts[kind] == 1:
+                raise NumericalError("injected failure")
+            return solve(*args, **kwargs)
+
+        return wrapped
+
+    originals = sparsegpt_solver.obs_prune, weights.obs_prune
+    sparsegpt_solver.obs_prune = counting("layer", originals[0])
+    weights.obs_prune = counting("ffn", originals[1])
+    try:
+        yield counts
+    finally:
+        sparsegpt_solver.obs_prune, weights.obs_prune = originals
+
+
+def _spawn(tmp_path, method: str, fail: str = "") -> tuple[list[dict], list[dict]]:
+    """Prune with two gloo ranks: each rank's state dict and OBS sweep counts."""
+    args = (2, str(tmp_path / "init"), str(tmp_path), method, fail)
+    mp.spawn(_rank, args=args, nprocs=2, join=True)
+    models = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    counts = [json.loads((tmp_path / f"counts{r}.json").read_text()) for r in range(2)]
+    return models, counts
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "sparsellm"])
 def test_two_ranks_prune_like_one_process(tmp_path, method):
-    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(tmp_path), method), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks, _ = _spawn(tmp_path, method)
     single = prune(method)
     names = {name for name, _ in sparsifiable_parameters(single)}
     for name, reference in single.state_dict().items():
-        # rank 0's solution is broadcast: the ranks' models are bit-identical
+        # each solve is broadcast from the rank that ran it: the ranks' models are bit-identical
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         if name in names:
             # Gram sums in another order: the same masks, weights equal to float rounding
@@ -51,6 +102,42 @@ def test_two_ranks_prune_like_one_process(tmp_path, method):
             assert torch.allclose(ranks[0][name], reference, rtol=1e-4, atol=1e-5), name
         else:
             assert torch.equal(ranks[0][name], reference), name
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
+def test_each_solve_runs_on_exactly_one_rank(tmp_path, method):
+    _, counts = _spawn(tmp_path, method)
+    with count_obs_sweeps() as single:
+        prune(method)
+    for kind in ("layer", "ffn"):
+        assert counts[0][kind] + counts[1][kind] == single[kind], (kind, counts, single)
+    assert all(c["layer"] > 0 for c in counts), counts  # both ranks took a share
+    if method == "sparsegpt":
+        blocks = tiny_model("llama").model.layers
+        linears = [m for m in blocks.modules() if isinstance(m, torch.nn.Linear)]
+        assert single["layer"] == len(linears)  # one solve per layer (no guard fallback)
+    else:  # up, gate and down steps are shared too
+        assert all(c["ffn"] > 0 for c in counts), counts
+
+
+@pytest.mark.parametrize("kind", ["layer", "ffn"])
+def test_a_solve_failing_on_one_rank_falls_back_on_every_rank(tmp_path, kind):
+    # Rank 1's first sweep of this kind fails: the other rank, waiting for its answer, must
+    # raise too (not hang), so the guard re-does the block with SparseGPT on both ranks.
+    ranks, counts = _spawn(tmp_path, "sparsellm", fail=kind)
+    assert counts[1][kind] > 0
+    for name, tensor in ranks[0].items():
+        assert torch.equal(tensor, ranks[1][name]), name
+
+
+def test_owners_balance_costs_deterministically():
+    from sparsellm.distributed import balanced_owners
+
+    # q/k/v (3 + shared factor), o, gate/up, down of a LLaMA-like block
+    assert balanced_owners([4.0, 2.0, 7.0, 9.0], 2) == [1, 0, 1, 0]
+    assert balanced_owners([1.0, 1.0, 1.0], 2) == [0, 1, 0]  # ties: lower index, lower rank
+    assert balanced_owners([5.0, 3.0], 1) == [0, 0]
+    assert balanced_owners([5.0], 3) == [0]
 
 
 def test_shard_takes_every_nth_window_and_needs_one_per_rank(monkeypatch):

@@ -3,13 +3,14 @@ pruner shares (one statistics pass, writing a solution back with its report row)
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from sparsellm.distributed import broadcast_
+from sparsellm.distributed import balanced_owners, broadcast_, world
 from sparsellm.engine import BlockJob, BlockPruner, block_output
 from sparsellm.masks import SparsityTarget
 from sparsellm.memory import to_host
@@ -96,22 +97,125 @@ def collect_statistics(
     return stats, outputs
 
 
+def statistics_groups(
+    layers: dict[str, nn.Module], stats: dict[str, LayerStatistics]
+) -> list[list[str]]:
+    """``layers`` grouped by the statistics object they share (q/k/v, gate/up), in order of
+    first appearance; a layer without statistics is a group of its own."""
+    groups: dict[int, list[str]] = {}
+    for name in layers:
+        shared = stats.get(name)
+        groups.setdefault(id(shared) if shared is not None else id(name), []).append(name)
+    return list(groups.values())
+
+
+def _group_cost(
+    layers: dict[str, nn.Module], names: list[str], stats: LayerStatistics | None
+) -> float:
+    """Rough FLOPs of solving a group: an OBS sweep costs rows × cols² (plus cols³ for the
+    shared factor), a solve without a Gram (Wanda, magnitude) rows × cols."""
+    shapes = [linear_weight(layers[name]).shape for name in names]
+    if stats is None or stats.hessian is None:
+        return float(sum(rows * cols for rows, cols in shapes))
+    cols = shapes[0][1]
+    return float(sum(rows * cols * cols for rows, _ in shapes) + cols**3)
+
+
+def _solve_group(
+    job: BlockJob,
+    names: list[str],
+    stats: dict[str, LayerStatistics],
+    solve: LayerSolve,
+    shared: bool,
+) -> dict[str, SolveResult | NumericalError]:
+    """Solve the layers of one group; their shared statistics' memo is freed afterwards.
+
+    With ``shared`` (other ranks wait for the answers) a numerical failure is returned in
+    place of the layer's result, so that it reaches every rank (:func:`_receive`).
+    """
+    results: dict[str, SolveResult | NumericalError] = {}
+    try:
+        for name in names:
+            original = linear_weight(job.layers[name]).detach().to(torch.float32, copy=True)
+            results[name] = solve(original, stats.get(name), job.target)
+    except NumericalError as exc:
+        if not shared:
+            raise
+        results[name] = exc
+    finally:
+        if stats.get(names[0]) is not None:
+            stats[names[0]].memo.clear()  # the group's inverse factor: no other layer needs it
+    return results
+
+
+def _figures(result: SolveResult) -> dict[str, object]:
+    return dict(damping=result.damping, damping_retries=result.damping_retries)
+
+
+def _receive(
+    result: SolveResult | NumericalError | None, like: torch.Tensor, owner: int, name: str
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """The owner rank's weight and figures on every rank (``result`` is None on the others,
+    which receive into buffers shaped and typed like the float32 weight ``like``). A failed
+    solve raises on every rank, so that the guard's fallback runs on all of them."""
+    figures = torch.zeros(3, dtype=torch.float64)  # damping (NaN: none), retries, failed
+    if isinstance(result, SolveResult):
+        damping = math.nan if result.damping is None else result.damping
+        figures = torch.tensor([damping, result.damping_retries, 0.0], dtype=torch.float64)
+    elif result is not None:
+        figures[2] = 1.0
+    damping, retries, failed = broadcast_(figures.to(like.device), src=owner).tolist()
+    if failed:
+        if result is not None:
+            raise result
+        raise NumericalError(f"{name}: the solve failed on rank {owner}")
+    weight = result.weight.contiguous() if result is not None else torch.empty_like(like)
+    broadcast_(weight, src=owner)
+    return weight, dict(
+        damping=None if math.isnan(damping) else damping, damping_retries=int(retries)
+    )
+
+
 def solve_layers(
     job: BlockJob,
     layers: dict[str, nn.Module],
     stats: dict[str, LayerStatistics],
     solve: LayerSolve,
 ) -> list[LayerReport]:
-    """Prune each of ``layers`` on its own statistics with ``solve`` and write it back."""
-    rows = []
-    for name, module in layers.items():
-        original = linear_weight(module).detach().to(torch.float32, copy=True)
-        result = solve(original, stats.get(name), job.target)
-        # Ranks solved the same problem; rank 0's answer makes their models bit-identical.
-        weight = broadcast_(result.weight.contiguous())
-        figures = dict(damping=result.damping, damping_retries=result.damping_retries)
-        rows.append(write_solution(job, name, original, weight, stats.get(name), **figures))
-    return rows
+    """Prune each of ``layers`` on its own statistics with ``solve`` and write it back.
+
+    Layers sharing statistics form a group (they share the solver's inverse factor). Under
+    ``torch.distributed`` each group is solved by one rank (:func:`balanced_owners` on its
+    cost), then every layer's weight and figures are broadcast from its owner, in layer
+    order, and every rank writes every layer: each layer is solved once, the ranks' models and
+    reports are identical.
+    """
+    rank, size = world()
+    groups = statistics_groups(layers, stats)
+    costs = [_group_cost(layers, names, stats.get(names[0])) for names in groups]
+    owners = balanced_owners(costs, size)
+    owner_of = {name: owner for names, owner in zip(groups, owners, strict=True) for name in names}
+    solved: dict[str, SolveResult] = {}
+    rows: dict[str, LayerReport] = {}
+    for names, owner in zip(groups, owners, strict=True):
+        if owner == rank:
+            solved.update(_solve_group(job, names, stats, solve, shared=size > 1))
+        if size == 1:  # nothing to share: write now, hold one group's results at most
+            for n in names:
+                original = linear_weight(layers[n]).detach().to(torch.float32, copy=True)
+                result = solved.pop(n)
+                rows[n] = write_solution(
+                    job, n, original, result.weight, stats.get(n), **_figures(result)
+                )
+    # Each rank solved all its groups before the first broadcast, so none waits on another's
+    # queue: the broadcasts follow one order (the layers') that every rank knows.
+    for n in layers:
+        if n not in rows:
+            original = linear_weight(layers[n]).detach().to(torch.float32, copy=True)
+            result = solved.pop(n, None)
+            weight, figures = _receive(result, original, owner_of[n], job.full_name(n))
+            rows[n] = write_solution(job, n, original, weight, stats.get(n), **figures)
+    return [rows[name] for name in layers]
 
 
 def layerwise_pruner(statistic: Statistic, solve: LayerSolve) -> BlockPruner:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsellm.distributed import all_reduce_sum_, broadcast_, world
+from sparsellm.distributed import all_reduce_sum_, ranks, world
 from sparsellm.engine import BlockJob, BlockPruner, block_shape
 from sparsellm.layout import Layout, check_layout
 from sparsellm.memory import host_empty, to_host
@@ -195,6 +195,7 @@ def _solve_ffn(
             chunk_size=chunk,
             device=device,
             reduce=reduce,
+            ranks=ranks(),
             **_split_weights(job, ffn, originals),
             **dataclasses.asdict(options),
         )
@@ -203,8 +204,8 @@ def _solve_ffn(
         new[ffn.gate] = result.gate
     if ffn.fused_gate_up:
         new[ffn.up] = ffn.join_fused(result.gate, result.up)
-    # Every rank solved the same problem; rank 0's answer keeps them bit-identical.
-    new = {name: broadcast_(weight.contiguous()) for name, weight in new.items()}
+    # No broadcast here: each weight step was solved on one rank and broadcast from there
+    # (``ranks``), so every rank already holds the same final weights, bit for bit.
     return originals, new, result
 
 

@@ -28,6 +28,7 @@ from sparsellm.solvers.sparsellm.state import (
     Penalties,
     ProgressFn,
     ReduceFn,
+    SharedSolves,
     SolveLog,
     check_finite,
 )
@@ -57,6 +58,7 @@ def sparsellm_ffn(
     blocksize: int = 128,
     progress: ProgressFn | None = None,
     reduce: ReduceFn | None = None,
+    ranks: SharedSolves | None = None,
 ) -> FFNSolveResult:
     """Prune a feed-forward block's up (and gate) and down projections jointly (SparseLLM).
 
@@ -80,7 +82,10 @@ def sparsellm_ffn(
         dampening, blocksize: Gram damping (fraction of the mean diagonal); OBS column block.
         progress: called with a dict after each stage.
         reduce: for tokens sharded across processes, an in-place all-reduce sum; every token
-            sum goes through it, so each process solves the problem of all tokens.
+            sum goes through it, so each process holds the problem of all tokens.
+        ranks: with ``reduce``, the processes' share of the weight solves: each up, gate and
+            down step is solved by one of them and broadcast (``distributed.ranks()``); without
+            it every process solves every step.
 
     Returns :class:`FFNSolveResult` with float32 weights on ``up``'s device.
 
@@ -92,7 +97,7 @@ def sparsellm_ffn(
     biases = {"up": up_bias, "down": down_bias, "gate": gate_bias}
     _check_shapes(X, Y, weights, biases)
     _check_settings(X.shape[0], epochs, chunk_size, (alpha, beta, gamma))
-    work = {"dampening": dampening, "blocksize": blocksize, "reduce": reduce}
+    work = {"dampening": dampening, "blocksize": blocksize, "reduce": reduce, "ranks": ranks}
     where = torch.device(device) if device is not None else X.device
     act = resolve_activation(activation)
     problem = _build_problem(X, Y, weights, biases, target, act, where, chunk_size, work)

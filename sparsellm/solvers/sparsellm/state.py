@@ -18,9 +18,9 @@ SmolLM2 blocks change by < 3 % over a 10× range of each). Explicit values are u
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -39,6 +39,21 @@ _AUTO_GAMMA = 1.0
 ProgressFn = Callable[[dict[str, Any]], None]
 # Sums a tensor in place over the processes sharing the tokens (torch.distributed all-reduce).
 ReduceFn = Callable[[Tensor], Tensor]
+
+
+class SharedSolves(Protocol):
+    """The processes sharing the tokens share the weight solves too (``distributed.Ranks``):
+    each solve goes to one rank (:meth:`owners`, the same on every rank), which broadcasts it."""
+
+    rank: int
+
+    def owners(self, costs: Sequence[float]) -> list[int]:
+        """The rank that solves each problem, given the problems' costs."""
+        ...
+
+    def broadcast_(self, tensor: Tensor, src: int) -> Tensor:
+        """Overwrite ``tensor`` with rank ``src``'s, in place."""
+        ...
 
 
 @dataclass
@@ -120,6 +135,7 @@ class FFNProblem:
     dampening: float
     blocksize: int
     reduce: ReduceFn | None
+    ranks: SharedSolves | None = None  # None: this process solves every weight itself
 
     @property
     def gated(self) -> bool:
