@@ -15,11 +15,13 @@ from dataclasses import asdict
 from sparsellm.config import (
     EvalConfig,
     FinetuneConfig,
+    PlanConfig,
     PruneConfig,
     eval_config,
     finetune_config,
     load_recipe,
     merge,
+    plan_config,
     prune_config,
 )
 from sparsellm.data import check_source
@@ -79,6 +81,9 @@ def run_prune(args: argparse.Namespace) -> int:
         check_source(config.calibration)
     if config.eval:
         check_source(config.eval)
+    from sparsellm.preflight import check_prune_inputs
+
+    check_prune_inputs(config)  # calibration length and positions, before the model loads
     offload = offload_mode(config.offload, config.model) == "disk"
     if offload and config.save_format != "dense":
         raise UserError(f"--offload disk writes the dense format only, not {config.save_format!r}")
@@ -280,6 +285,18 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    from sparsellm.plan import Workload, dumps, format_plan, make_plan
+    from sparsellm.preflight import load_config
+
+    config = plan_config(_settings(args, PlanConfig))
+    model_config = load_config(config.model)
+    work = Workload(config.method, config.nsamples, config.seqlen, config.epochs, config.batch_size)
+    plan = make_plan(model_config, work, config.dtype, config.device_memory, config.ranks)
+    print(dumps(plan) if config.json else format_plan(plan, config.model))
+    return 0
+
+
 # name, help, description, settings, run: one entry a subcommand.
 SUBCOMMANDS = (
     (
@@ -303,6 +320,15 @@ SUBCOMMANDS = (
         "sparsify a model while training) and save it.",
         FinetuneConfig,
         run_finetune,
+    ),
+    (
+        "plan",
+        "memory and disk a prune needs, from the config alone",
+        "Peak device memory, host memory and disk of a prune, for the model in memory, "
+        "offloaded to disk, and over K ranks, from the model's config (no weights loaded) "
+        "and the formula the engine sizes its chunks with.",
+        PlanConfig,
+        run_plan,
     ),
 )
 

@@ -173,6 +173,34 @@ class FinetuneConfig:
     overwrite: bool = setting(False, "replace a non-empty output directory", "bool")
 
 
+@dataclass
+class PlanConfig:
+    """Settings of ``sparsellm plan`` (the prune settings that decide memory)."""
+
+    model: str | None = setting(None, MODEL_HELP)
+    method: str = setting("sparsegpt", "pruning method the plan is for")
+    nsamples: int = setting(128, "calibration windows", "positive_int")
+    seqlen: int = setting(512, "tokens per calibration window", "positive_int")
+    dtype: str = setting("auto", "weights' dtype (auto: the config's)", choices=DTYPES)
+    batch_size: int = setting(32, "calibration windows per forward pass", "positive_int")
+    epochs: int = setting(1, "SparseLLM alternation epochs", "non_negative_int")
+    device_memory: str = setting(
+        "24GiB", "device memory the engine may use (no device is asked)", "size"
+    )
+    ranks: int = setting(8, "processes of the multi-rank rows (torchrun)", "positive_int")
+    json: bool = setting(False, "print a JSON dict instead of the table", "bool")
+
+
+def plan_config(values: dict[str, Any]) -> PlanConfig:
+    """A checked :class:`PlanConfig`."""
+    config = _build(PlanConfig, values)
+    require_model(config.model)
+    get_method(config.method)
+    if config.device_memory == "auto":
+        raise ConfigError("device_memory must be a size for a plan (there is no device to ask)")
+    return config
+
+
 def require_model(model: str | None) -> None:
     if not model:
         raise ConfigError("no model given (--model or 'model' in the recipe)")

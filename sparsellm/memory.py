@@ -67,6 +67,7 @@ class BlockShape:
     params: int  # parameters of one block
     dtype_bytes: int  # bytes per weight and activation element (model dtype)
     gated: bool = True  # gate and up projections (LLaMA) or a single up projection (OPT)
+    prunable: int = 0  # parameters of the block's Linear weights (the guard's host copy)
 
     @classmethod
     def of_block(cls, block: nn.Module, hidden: int, heads: int, dtype_bytes: int) -> BlockShape:
@@ -80,6 +81,24 @@ class BlockShape:
             params=sum(p.numel() for p in block.parameters()),
             dtype_bytes=dtype_bytes,
             gated=gated,
+            prunable=sum(m.weight.numel() for m in block.modules() if _is_linear(m)),
+        )
+
+    @classmethod
+    def of_config(cls, config: object, dtype: torch.dtype) -> BlockShape:
+        """The shape of one block of a ``transformers`` config, without building the model
+        (see :func:`sparsellm.shapes.config_sizes`, which counts the parameters)."""
+        from sparsellm.shapes import config_sizes
+
+        sizes = config_sizes(config)
+        return cls(
+            hidden=sizes.hidden,
+            intermediate=sizes.intermediate,
+            heads=sizes.heads,
+            params=sizes.block_params,
+            dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+            gated=sizes.gated,
+            prunable=sizes.block_prunable,
         )
 
     @property
@@ -163,6 +182,80 @@ class Budget:
             return default
         room = self.total - block_bytes(shape) - solver_fixed_bytes(shape, "sparsellm")
         return int(max(64, room // solver_token_bytes(shape, device_type)))
+
+
+# --------------------------------------------------------------------------- host and phases
+#
+# What a run holds besides the device's block and chunk, counted from the code as it is. N is
+# the calibration tokens of this process, d, f, b as in BlockShape.
+
+
+def host_activation_bytes(shape: BlockShape, tokens: int, method: str, epochs: int = 1) -> int:
+    """Peak host bytes of calibration activations while a block is pruned (guard on).
+
+    Every calibrated method: the block inputs (``BlockInputs.hidden``) and the dense outputs
+    ``B₀`` (the guard's reference, kept by the statistics pass), [N, d] in the model dtype.
+    Layer-wise methods then form the pruned outputs (one more [N, d]) before the inputs they
+    replace are dropped. SparseLLM instead holds, during its solve, ``_FFNData``: X (model
+    dtype), the float32 target and residual, and z, s [N, f] float32 when ``epochs`` > 1 (the
+    first epoch recomputes them); its pruned outputs are formed in the residual after the
+    target is freed, which is never more than the solve's peak."""
+    d, f, b = shape.hidden, shape.intermediate, shape.dtype_bytes
+    if method == "magnitude":  # data-free: no activations at all
+        return 0
+    held = 2 * tokens * d * b  # inputs + dense outputs
+    if method != "sparsellm":
+        return held + tokens * d * b  # + pruned outputs
+    held += tokens * d * (b + 2 * F32)  # X, target, residual
+    if epochs > 1:
+        held += tokens * f * F32 * (2 if shape.gated else 1)  # z (and s)
+    return held
+
+
+def guard_copy_bytes(shape: BlockShape, method: str) -> int:
+    """The guard's host copy of a block's prunable weights (model dtype), kept while the block
+    is pruned so that a diverging block can be re-done; SparseGPT, the fallback itself, and
+    data-free methods keep none."""
+    return 0 if method in ("sparsegpt", "magnitude") else shape.prunable * shape.dtype_bytes
+
+
+def device_phase_bytes(
+    shape: BlockShape,
+    seqlen: int,
+    tokens: int,
+    method: str,
+    budget: Budget,
+    windows: int,
+    solver_chunk: int,
+    device_type: str,
+) -> dict[str, int]:
+    """Device bytes of a block's two phases beyond the block itself, with the chunks the engine
+    picks under ``budget``: a forward pass of ``windows`` windows (``Budget.forward_windows``,
+    next to the Gram matrices it reserves) and the solves (SparseLLM: with a chunk of
+    ``Budget.solver_tokens`` tokens, ``solver_chunk`` when there is no limit)."""
+    if method == "magnitude":
+        return {"forward": 0, "solve": 0, "windows": 0, "chunk": 0}
+    windows = budget.forward_windows(shape, seqlen, windows)
+    forward = windows * seqlen * forward_token_bytes(shape, seqlen) + 3 * shape.hidden**2 * F32
+    solve, chunk = solver_fixed_bytes(shape, method), 0
+    if method == "sparsellm":
+        chunk = min(tokens, budget.solver_tokens(shape, solver_chunk, device_type))
+        # The weight solves' stacks and a pass's chunk are never held together: a pass holds
+        # only the matrices it reads or sums into (``solver_pass_bytes``). The budget above
+        # still reserves both (an upper bound); the figure here is what is held.
+        passes = solver_pass_bytes(shape) + chunk * solver_token_bytes(shape, device_type)
+        solve = max(solve, passes)
+    return {"forward": forward, "solve": solve, "windows": windows, "chunk": chunk}
+
+
+def solver_pass_bytes(shape: BlockShape) -> int:
+    """Device bytes a SparseLLM pass over the tokens holds besides its chunk: the dense and
+    current float32 FFN weights (6 f x d gated, 4 plain), the cross products it sums into
+    (zᵀX, sᵀX, Tᵀp: 3 f x d gated, 2 plain), the f x f Gram pᵀp and the d x d Gram of X with
+    its inverse."""
+    d, f = shape.hidden, shape.intermediate
+    matrices = 9 if shape.gated else 6
+    return (matrices * f * d + f * f + 2 * d * d) * F32
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
