@@ -1,7 +1,14 @@
 """One benchmark run of protocol sotu-smollm2 in its own process; prints one JSON line.
 
 Usage: python bench/run_one.py --method sparsegpt --sparsity 0.5 [--pattern 2:4]
-       [--shared ../shared] [--model PATH.gguf]
+       [--shared ../shared] [--model PATH.gguf|DIR] [--offload disk [--output DIR]]
+       python bench/run_one.py --export-safetensors DIR   # the bundled GGUF as safetensors, once
+
+``--offload disk`` prunes out of core from a safetensors directory (``--model DIR``, e.g. the
+one ``--export-safetensors`` wrote): blocks are read from its shards one at a time and written
+to ``--output`` (default: a temporary directory, removed afterwards); perplexity streams the
+pruned blocks back from there. The same ``--model DIR`` without ``--offload`` is the in-memory
+run to compare with.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ START = time.perf_counter()
 import torch  # noqa: E402
 
 from sparsellm import prune_model  # noqa: E402
+from sparsellm.engine import stream_blocks  # noqa: E402
 from sparsellm.evaluation import windows_perplexity  # noqa: E402
 from sparsellm.loading import load_model_and_tokenizer  # noqa: E402
 from sparsellm.models import get_adapter, linear_weight  # noqa: E402
@@ -31,15 +39,50 @@ def bundled_gguf() -> str:
     return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def decoder_sparsity(model: torch.nn.Module) -> float:
+def decoder_sparsity(model: torch.nn.Module, store: object = None) -> float:
+    """Zeros over the prunable weights; with a ``store`` the blocks are read from it in turn."""
     adapter = get_adapter(model)
     zeros = total = 0
-    for block in adapter.blocks():
+    for _, block, _ in stream_blocks(adapter, torch.device("cpu"), "", False, store):
         for module in adapter.prunable(block).values():
             weight = linear_weight(module)
             zeros += int((weight == 0).sum())
             total += weight.numel()
     return zeros / total
+
+
+def export_safetensors(directory: str) -> None:
+    """Write the bundled GGUF (dequantised, float32) as a sharded safetensors directory."""
+    model, tokenizer = load_model_and_tokenizer(bundled_gguf(), "float32")
+    model.save_pretrained(directory, max_shard_size="200MB")
+    tokenizer.save_pretrained(directory)
+    print(f"wrote {directory}")
+
+
+def prune_offloaded(args: argparse.Namespace, calib: torch.Tensor, options: dict):
+    """Prune ``args.model`` (a safetensors directory) out of core into ``args.output`` (or a
+    temporary directory); the model skeleton and a store reading the pruned blocks back."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from sparsellm.api import prune
+    from sparsellm.config import prune_config
+    from sparsellm.offload import OffloadedModel
+
+    offloaded = OffloadedModel(args.model, "float32")
+    if args.method == "dense":
+        return offloaded, offloaded.source_store(), None
+    # Not created here: the writer stages a sibling and renames it only on finish().
+    output = args.output or Path(tempfile.gettempdir()) / f"offload-bench-{os.getpid()}"
+    values = dict(options, method=args.method, sparsity=args.sparsity, pattern=args.pattern)
+    values["calibration"] = "<tensor>"
+    config = prune_config({k: v for k, v in values.items() if v is not None}, require_io=False)
+    store = offloaded.pruning_store(output)
+    started = time.perf_counter()
+    prune(offloaded.model, None, config, calibration_ids=calib, progress=False, store=store)
+    seconds = time.perf_counter() - started
+    return offloaded, offloaded.output_store(), seconds
 
 
 def main() -> None:
@@ -48,11 +91,18 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float)
     parser.add_argument("--pattern")
     parser.add_argument("--shared", default="../shared")
-    parser.add_argument("--model")
+    parser.add_argument("--model", help="a .gguf file or a model directory (default: bundled)")
+    parser.add_argument("--offload", choices=("memory", "disk"), default="memory")
+    parser.add_argument("--output", help="--offload disk: keep the pruned model here")
+    parser.add_argument("--export-safetensors", metavar="DIR", help="convert the bundled GGUF")
     parser.add_argument("--option", action="append", default=[], help="KEY=VALUE for prune_model")
     args = parser.parse_args()
+    if args.export_safetensors:
+        export_safetensors(args.export_safetensors)
+        return
+    if args.offload == "disk" and not args.model:
+        raise SystemExit("--offload disk needs --model DIR (see --export-safetensors)")
 
-    model, _ = load_model_and_tokenizer(args.model or bundled_gguf(), "float32")
     calib = torch.load(f"{args.shared}/bench/calib.pt")
     evaluation = torch.load(f"{args.shared}/bench/eval.pt")
     options = {}
@@ -60,8 +110,14 @@ def main() -> None:
         key, _, value = item.partition("=")
         options[key] = json.loads(value)
 
+    store = offloaded = None
     prune_seconds = None
-    if args.method != "dense":
+    if args.offload == "disk":
+        offloaded, store, prune_seconds = prune_offloaded(args, calib, options)
+        model = offloaded.model
+    else:
+        model, _ = load_model_and_tokenizer(args.model or bundled_gguf(), "float32")
+    if args.method != "dense" and store is None:
         started = time.perf_counter()
         prune_model(
             model,
@@ -73,7 +129,13 @@ def main() -> None:
             **options,
         )
         prune_seconds = time.perf_counter() - started
-    ppl = windows_perplexity(model, evaluation, batch_size=8, progress=False)
+    ppl = windows_perplexity(model, evaluation, batch_size=8, progress=False, store=store)
+    sparsity = decoder_sparsity(model, store)
+    if offloaded is not None and offloaded.writer is not None:
+        if args.output:
+            offloaded.finish()
+        else:
+            offloaded.discard()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         json.dumps(
@@ -81,8 +143,9 @@ def main() -> None:
                 "method": args.method,
                 "target": args.pattern or (args.sparsity if args.sparsity is not None else 0),
                 "options": options,
+                "offload": args.offload,
                 "perplexity": ppl,
-                "sparsity": decoder_sparsity(model),
+                "sparsity": sparsity,
                 "prune_seconds": prune_seconds,
                 "process_seconds": time.perf_counter() - START,
                 "peak_rss_mb": peak_mb,

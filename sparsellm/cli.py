@@ -81,12 +81,13 @@ def run_prune(args: argparse.Namespace) -> int:
         check_source(config.calibration)
     if config.eval:
         check_source(config.eval)
-    from sparsellm.preflight import check_prune_inputs
-
-    check_prune_inputs(config)  # calibration length and positions, before the model loads
+    # Where the blocks wait: decided from the source's files alone, before any of it is read.
     offload = offload_mode(config.offload, config.model) == "disk"
     if offload and config.save_format != "dense":
         raise UserError(f"--offload disk writes the dense format only, not {config.save_format!r}")
+    from sparsellm.preflight import check_prune_inputs
+
+    check_prune_inputs(config)  # calibration length and positions, before the model loads
     session = _PruneSession(config, progress=not args.quiet, offload=offload)
     report = session.run(started)
     if not is_main():

@@ -14,6 +14,7 @@ report are there (:class:`~sparsellm.saving.StagedOutput`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,8 +184,7 @@ def _owners(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
     holders: dict[int, list[tuple[nn.Module, str]]] = {}
     names: dict[str, int] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
-        tensors = {**module._parameters, **module._buffers}
-        for leaf, tensor in tensors.items():
+        for leaf, tensor in {**module._parameters, **module._buffers}.items():
             if tensor is None:
                 continue
             holders.setdefault(id(tensor), []).append((module, leaf))
@@ -212,6 +212,14 @@ def place(owners: list[tuple[nn.Module, str]], tensor: torch.Tensor) -> None:
             module._parameters[leaf] = value
         else:
             module._buffers[leaf] = value
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS. glibc keeps freed blocks' storage in its
+    heap (fragmented by the many smaller temporaries of a prune), so without this the resident
+    size grew by about half a block per block on SmolLM2 (365 -> 616 MB over 30 blocks)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _move_buffers(block: nn.Module, device: torch.device | str) -> None:
@@ -313,6 +321,7 @@ class DiskStore(BlockStore):
             if param is not None and not param.is_meta:  # buffers stay real (below)
                 place(owners, param.detach().to("meta"))
         _move_buffers(block, "cpu")
+        return_freed_memory()
 
 
 class OffloadedModel:
