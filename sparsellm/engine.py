@@ -173,7 +173,8 @@ def block_shape(adapter: Adapter, block: nn.Module, hidden: int) -> BlockShape:
         max(1, hidden // 64),
     )
     dtype_bytes = next(block.parameters()).element_size()
-    return BlockShape.of_block(block, hidden, heads, dtype_bytes)
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    return BlockShape.of_block(block, hidden, heads, dtype_bytes, eager)
 
 
 @torch.no_grad()

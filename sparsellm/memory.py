@@ -55,6 +55,9 @@ def device_free(device: torch.device) -> int | None:
 # the tensors the code holds at its peak, counted from the code (see the comments).
 
 F32 = 4
+# Chunk caps under a device budget: beyond these, GEMMs and kernel launches gain nothing.
+MAX_FORWARD_TOKENS = 16384
+MAX_SOLVER_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,12 @@ class BlockShape:
     dtype_bytes: int  # bytes per weight and activation element (model dtype)
     gated: bool = True  # gate and up projections (LLaMA) or a single up projection (OPT)
     prunable: int = 0  # parameters of the block's Linear weights (the guard's host copy)
+    eager_attention: bool = False  # materialises heads x seqlen scores per token (not SDPA)
 
     @classmethod
-    def of_block(cls, block: nn.Module, hidden: int, heads: int, dtype_bytes: int) -> BlockShape:
+    def of_block(
+        cls, block: nn.Module, hidden: int, heads: int, dtype_bytes: int, eager: bool = False
+    ) -> BlockShape:
         """The shape of a real block: f is the widest side of its Linear layers."""
         linear_sizes = [max(m.weight.shape) for m in block.modules() if _is_linear(m)]
         gated = sum(1 for m in block.modules() if _is_linear(m)) >= 7
@@ -82,6 +88,7 @@ class BlockShape:
             dtype_bytes=dtype_bytes,
             gated=gated,
             prunable=sum(m.weight.numel() for m in block.modules() if _is_linear(m)),
+            eager_attention=eager,
         )
 
     @classmethod
@@ -117,27 +124,34 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def forward_token_bytes(shape: BlockShape, seqlen: int) -> int:
-    """Device bytes per token of a block's forward pass with statistics hooks: hidden states in
-    and out, q/k/v/o and the FFN's inner activations in the model dtype, the float32 copy of a
-    hooked layer's input, and one row of attention scores per head (eager attention)."""
+    """Device bytes per token of a block's forward pass with statistics hooks: the hidden
+    states, the attention's q/k/v/o and the FFN's inner activations alive at its peak (about
+    4 d-wide and 2 f-wide rows in the model dtype, measured on llama and OPT blocks,
+    ``tests/test_plan.py``), a float32 copy of a hooked layer's input when the model is not
+    float32, and with eager attention a row of scores per head (SDPA, the default, holds
+    none)."""
     d, f, b = shape.hidden, shape.intermediate, shape.dtype_bytes
-    return (6 * d + 3 * f) * b + (d + f) * F32 + shape.heads * seqlen * F32
+    upcast = (d + f) * F32 if b != F32 else 0
+    scores = shape.heads * seqlen * F32 if shape.eager_attention else 0
+    return (4 * d + 2 * f) * b + upcast + scores
 
 
 def solver_token_bytes(shape: BlockShape, device_type: str) -> int:
-    """Device bytes per token of a SparseLLM pass: X rows and the target (float32, d), m, n,
-    the activation, z, s, act(s), p (f), the residual and q (d), and the elementwise update's
-    temporaries (a dozen f-wide rows on accelerators, a fixed cache-sized block on the CPU)."""
+    """Device bytes per token of a SparseLLM pass: X rows and the target (float32, d), the
+    residual and q (d); m, n, the activation, z, s, act(s), p and two temporaries (f; a plain
+    FFN has no n, s, act(s)); and on accelerators the elementwise update's temporaries over the
+    whole chunk (a dozen f-wide rows; on the CPU they stay in a fixed cache-sized block)."""
     d, f = shape.hidden, shape.intermediate
+    rows = 9 if shape.gated else 6
     elementwise = 12 * f if device_type != "cpu" else 0
-    return (4 * d + 7 * f + elementwise) * F32
+    return (4 * d + rows * f + elementwise) * F32
 
 
 def solver_fixed_bytes(shape: BlockShape, method: str) -> int:
-    """Device bytes a block's solves hold whatever the chunk: SparseGPT: the d x d Hessian, its
-    factor and inverse, a float32 weight and its pruned copy. SparseLLM adds the FFN's dense and
-    current float32 weights (6 f x d), the three cross products, the stacked masked-CG run
-    (about 36 f x d: four candidates and their residual, direction, preconditioned residual and
+    """Device bytes a block's weight solves hold: SparseGPT: the d x d Hessian, its factor and
+    inverse, a float32 weight and its pruned copy. SparseLLM adds the FFN's dense and current
+    float32 weights (6 f x d), the three cross products, the stacked masked-CG run (about
+    36 f x d: four candidates and their residual, direction, preconditioned residual and
     product) and the f x f activation Gram with its factor and inverse."""
     d, f = shape.hidden, shape.intermediate
     local = 3 * d * d * F32 + 2 * f * d * F32
@@ -145,6 +159,16 @@ def solver_fixed_bytes(shape: BlockShape, method: str) -> int:
         return local
     matrices = 6 + 3 + 36 if shape.gated else 4 + 2 + 20
     return local + matrices * shape.ffn_weight_bytes + 3 * f * f * F32
+
+
+def solver_pass_bytes(shape: BlockShape) -> int:
+    """Device bytes a SparseLLM pass over the tokens holds besides its chunk (the weight
+    solves' stacks are gone by then): the dense and current float32 FFN weights (6 f x d gated,
+    4 plain), the cross products it sums into (zᵀX, sᵀX, Tᵀp: 3 f x d gated, 2 plain), the
+    f x f Gram pᵀp and the d x d Gram of X with its inverse."""
+    d, f = shape.hidden, shape.intermediate
+    matrices = 9 if shape.gated else 6
+    return (matrices * f * d + f * f + 2 * d * d) * F32
 
 
 def block_bytes(shape: BlockShape) -> int:
@@ -168,20 +192,24 @@ class Budget:
         return cls(None if free is None else int(free * 0.9))
 
     def forward_windows(self, shape: BlockShape, seqlen: int, requested: int) -> int:
-        """Windows per forward pass: ``requested``, fewer if their activations do not fit."""
+        """Windows per forward pass: ``requested``; under a limit, no more than fit next to
+        the block and its Grams, nor more than :data:`MAX_FORWARD_TOKENS` (matmuls are at full
+        speed well before that; more would only take memory)."""
         if self.total is None:
             return requested
         room = self.total - block_bytes(shape) - 3 * shape.hidden**2 * F32
         fit = room // max(1, seqlen * forward_token_bytes(shape, seqlen))
-        return int(max(1, min(requested, fit)))
+        return int(max(1, min(requested, fit, MAX_FORWARD_TOKENS // seqlen)))
 
     def solver_tokens(self, shape: BlockShape, default: int, device_type: str) -> int:
         """Tokens per chunk of a SparseLLM pass: ``default`` without a limit, else what fits
-        next to the block and the solver's matrices (at least 64)."""
+        next to the block and what a pass holds (:func:`solver_pass_bytes`; the weight solves
+        come after the pass), between 64 and :data:`MAX_SOLVER_TOKENS`."""
         if self.total is None:
             return default
-        room = self.total - block_bytes(shape) - solver_fixed_bytes(shape, "sparsellm")
-        return int(max(64, room // solver_token_bytes(shape, device_type)))
+        room = self.total - block_bytes(shape) - solver_pass_bytes(shape)
+        fit = room // solver_token_bytes(shape, device_type)
+        return int(max(64, min(fit, MAX_SOLVER_TOKENS)))
 
 
 # --------------------------------------------------------------------------- host and phases
@@ -241,21 +269,10 @@ def device_phase_bytes(
     if method == "sparsellm":
         chunk = min(tokens, budget.solver_tokens(shape, solver_chunk, device_type))
         # The weight solves' stacks and a pass's chunk are never held together: a pass holds
-        # only the matrices it reads or sums into (``solver_pass_bytes``). The budget above
-        # still reserves both (an upper bound); the figure here is what is held.
+        # only the matrices it reads or sums into (``solver_pass_bytes``).
         passes = solver_pass_bytes(shape) + chunk * solver_token_bytes(shape, device_type)
         solve = max(solve, passes)
     return {"forward": forward, "solve": solve, "windows": windows, "chunk": chunk}
-
-
-def solver_pass_bytes(shape: BlockShape) -> int:
-    """Device bytes a SparseLLM pass over the tokens holds besides its chunk: the dense and
-    current float32 FFN weights (6 f x d gated, 4 plain), the cross products it sums into
-    (zᵀX, sᵀX, Tᵀp: 3 f x d gated, 2 plain), the f x f Gram pᵀp and the d x d Gram of X with
-    its inverse."""
-    d, f = shape.hidden, shape.intermediate
-    matrices = 9 if shape.gated else 6
-    return (matrices * f * d + f * f + 2 * d * d) * F32
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

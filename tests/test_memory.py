@@ -10,7 +10,17 @@ from test_sparsellm_solver import ffn_problem, solve
 from sparsellm import prune_model
 from sparsellm.cli import main
 from sparsellm.masks import SparsityTarget
-from sparsellm.memory import BlockShape, Budget, parse_size, solver_fixed_bytes
+from sparsellm.memory import (
+    MAX_FORWARD_TOKENS,
+    MAX_SOLVER_TOKENS,
+    BlockShape,
+    Budget,
+    block_bytes,
+    forward_token_bytes,
+    parse_size,
+    solver_pass_bytes,
+    solver_token_bytes,
+)
 from sparsellm.solvers.sparsellm.state import FFNProblem
 
 
@@ -48,16 +58,19 @@ SHAPE = BlockShape(hidden=4096, intermediate=11008, heads=32, params=202_383_360
 def test_budget_sizes_chunks_to_what_fits():
     assert Budget(None).forward_windows(SHAPE, 2048, 32) == 32  # no limit: the setting
     assert Budget(None).solver_tokens(SHAPE, 2048, "cuda") == 2048
-    small, large = Budget(16 * 2**30), Budget(80 * 2**30)
-    assert 1 <= small.forward_windows(SHAPE, 2048, 32) < large.forward_windows(SHAPE, 2048, 32)
+    tight, small, large = Budget(2 * 2**30), Budget(6 * 2**30), Budget(80 * 2**30)
+    assert 1 <= tight.forward_windows(SHAPE, 2048, 32) < large.forward_windows(SHAPE, 2048, 32)
     assert small.solver_tokens(SHAPE, 2048, "cuda") < large.solver_tokens(SHAPE, 2048, "cuda")
+    # Chunks stop growing where more memory buys no speed.
+    assert large.forward_windows(SHAPE, 2048, 32) * 2048 == MAX_FORWARD_TOKENS
+    assert large.solver_tokens(SHAPE, 2048, "cuda") == MAX_SOLVER_TOKENS
     # What the chosen chunk costs stays inside the budget.
     tokens = small.solver_tokens(SHAPE, 2048, "cuda")
-    from sparsellm.memory import block_bytes, solver_token_bytes
-
-    used = block_bytes(SHAPE) + solver_fixed_bytes(SHAPE, "sparsellm")
+    used = block_bytes(SHAPE) + solver_pass_bytes(SHAPE)
     used += tokens * solver_token_bytes(SHAPE, "cuda")
     assert used <= small.total
+    windows = tight.forward_windows(SHAPE, 2048, 32)
+    assert block_bytes(SHAPE) + windows * 2048 * forward_token_bytes(SHAPE, 2048) <= tight.total
     assert Budget(1).forward_windows(SHAPE, 2048, 32) == 1  # never below one window
     assert Budget(1).solver_tokens(SHAPE, 2048, "cuda") == 64
 

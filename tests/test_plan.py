@@ -138,12 +138,6 @@ def _measured_model(family: str) -> torch.nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="forward_token_bytes counts eager attention scores and a float32 copy of hooked "
-    "inputs, which float32 CPU runs with sdpa do not hold: the plan is 40-100% above the "
-    "measured peak there (sparsegpt-opt is within 15%); open for the engine's owner",
-)
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
 def test_plan_matches_the_bytes_a_cpu_prune_holds(family, method):
