@@ -150,14 +150,15 @@ def solver_token_bytes(shape: BlockShape, device_type: str) -> int:
 def solver_fixed_bytes(shape: BlockShape, method: str) -> int:
     """Device bytes a block's weight solves hold: SparseGPT: the d x d Hessian, its factor and
     inverse, a float32 weight and its pruned copy. SparseLLM adds the FFN's dense and current
-    float32 weights (6 f x d), the three cross products, the stacked masked-CG run (about
-    36 f x d: four candidates and their residual, direction, preconditioned residual and
-    product) and the f x f activation Gram with its factor and inverse."""
+    float32 weights (6 f x d gated, 4 plain), the cross products (3, 2), one candidate's
+    masked-CG run with the OBS result and the candidates kept so far (about 12 f x d gated,
+    11 plain: candidates are refined one at a time) and the f x f activation Gram with its
+    factor and inverse."""
     d, f = shape.hidden, shape.intermediate
     local = 3 * d * d * F32 + 2 * f * d * F32
     if method != "sparsellm":
         return local
-    matrices = 6 + 3 + 36 if shape.gated else 4 + 2 + 20
+    matrices = 6 + 3 + 12 if shape.gated else 4 + 2 + 11
     return local + matrices * shape.ffn_weight_bytes + 3 * f * f * F32
 
 

@@ -146,33 +146,27 @@ def sparse_ls_steps(
 ) -> list[WeightStep]:
     """Safeguarded sparse least-squares solves sharing H (see the module docstring).
 
-    Candidates: OBS on the anchored dense solution, and the current weight if feasible; both
-    CG-refined on their masks in one stacked CG run (rows are independent problems).
+    Candidates: OBS on the anchored dense solution, and the current weight if feasible; each
+    CG-refined on its mask (rows are independent problems). Candidates are refined one at a
+    time, so the device holds one CG run (about seven f x d matrices), not a stack of four.
     """
-    cands, refs, crosses, owners, retries = [], [], [], [], {}
     # U of the damped H⁻¹ depends on H alone: one factorisation serves every problem here.
     factor = inverse_factor(gram, dampening)
-    for k, pb in enumerate(problems):
+    steps = []
+    for pb in problems:
         dense = anchored_ls(pb.anchor, gram, pb.cross, inverse)
         res = obs_prune(
             dense, gram, target, blocksize=blocksize, dampening=dampening, factor=factor
         )
+        del dense
         if not torch.isfinite(res.weight).all():
             raise NumericalError(f"OBS sweep of {pb.name} produced non-finite weights")
-        retries[k] = res.damping_retries
+        refined = []
         for start in (res.weight, pb.current) if pb.feasible else (res.weight,):
-            cands.append(start)
-            refs.append(pb.current)
-            crosses.append(pb.cross)
-            owners.append(k)
-    stacked = torch.cat(cands)
-    refined = masked_pcg(stacked, stacked != 0, gram, torch.cat(crosses), cg_iters)
-    refined = list(refined.split([c.shape[0] for c in cands]))
-    deltas = quad_diffs(refined, refs, gram, crosses)
-    steps = []
-    for k, pb in enumerate(problems):
-        mine = [(d, w) for d, w, o in zip(deltas, refined, owners, strict=True) if o == k]
-        steps.append(_best_candidate(pb, mine, retries[k]))
+            weight = masked_pcg(start, start != 0, gram, pb.cross, cg_iters)
+            (delta,) = quad_diffs([weight], [pb.current], gram, [pb.cross])
+            refined.append((delta, weight))
+        steps.append(_best_candidate(pb, refined, res.damping_retries))
     return steps
 
 
