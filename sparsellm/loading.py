@@ -39,6 +39,38 @@ def _drop_gguf_flag(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def model_location(spec: str) -> tuple[str, dict]:
+    """Where ``transformers`` finds ``spec`` (hub id, directory, ``.gguf`` file) and the extra
+    keyword a ``.gguf`` file needs; a one-line :class:`ModelLoadError` for a path that cannot
+    be a model."""
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"model file {spec!r} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {spec!r} has no config.json")
+        return str(path), {}
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model path {spec!r} does not exist")
+    return spec, {}
+
+
+def load_failure(spec: str, what: str, exc: BaseException) -> ModelLoadError:
+    """The one-line error for ``what`` ("model", "config", ...) of ``spec`` failing to load,
+    with a hint when ``spec`` is no local path (so it was looked up on the hub)."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = (
+        ""
+        if Path(spec).exists()
+        else "; it is not a local path and could not be loaded from the Hugging Face Hub "
+        "or its cache (offline?) — download it first or pass a local directory or .gguf file"
+    )
+    subject = "model" if what == "model" else f"the {what} of"
+    return ModelLoadError(f"cannot load {subject} {spec!r}: {reason}{hint}")
+
+
 def load_model_and_tokenizer(
     spec: str, dtype: str = "auto", device: torch.device | None = None
 ) -> tuple[torch.nn.Module, object]:
@@ -53,34 +85,15 @@ def load_model_and_tokenizer(
     hf_logging.disable_progress_bar()
     device = device or torch.device("cpu")
     torch_dtype = resolve_dtype(dtype, device)
-    path = Path(spec)
-    kwargs: dict = {"dtype": torch_dtype}
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelLoadError(f"model file {spec!r} does not exist")
-        location, kwargs["gguf_file"] = str(path.parent), path.name
-        if torch_dtype == "auto":
-            kwargs["dtype"] = torch.float32  # GGUF weights are dequantised anyway
-    elif path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory {spec!r} has no config.json")
-        location = str(path)
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelLoadError(f"model path {spec!r} does not exist")
-    else:
-        location = spec
+    location, extra = model_location(spec)
+    kwargs: dict = {"dtype": torch_dtype, **extra}
+    if "gguf_file" in kwargs and torch_dtype == "auto":
+        kwargs["dtype"] = torch.float32  # GGUF weights are dequantised anyway
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **_only_gguf(kwargs))
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = (
-            ""
-            if path.exists()
-            else "; it is not a local path and could not be loaded from the Hugging Face Hub "
-            "or its cache (offline?) — download it first or pass a local directory or .gguf file"
-        )
-        raise ModelLoadError(f"cannot load model {spec!r}: {reason}{hint}") from None
+        raise load_failure(spec, "model", exc) from None
     model.eval()
     if "gguf_file" in kwargs:
         model = _drop_gguf_flag(model)

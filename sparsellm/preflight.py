@@ -4,45 +4,20 @@ loads: a plan's config, and whether the calibration text is long enough for
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparsellm.loading import ModelLoadError
+from sparsellm.loading import load_failure, model_location
 
 if TYPE_CHECKING:
     from sparsellm.config import PruneConfig
-
-
-def model_location(spec: str) -> tuple[str, dict]:
-    """Where ``transformers`` finds ``spec`` (hub id, directory, ``.gguf`` file) and the extra
-    keyword a ``.gguf`` file needs; the same one-line errors as :mod:`sparsellm.loading`."""
-    path = Path(spec)
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelLoadError(f"model file {spec!r} does not exist")
-        return str(path.parent), {"gguf_file": path.name}
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model directory {spec!r} has no config.json")
-        return str(path), {}
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelLoadError(f"model path {spec!r} does not exist")
-    return spec, {}
 
 
 def _load(loader: object, spec: str, what: str) -> object:
     location, kwargs = model_location(spec)
     try:
         return loader.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, ImportError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = (
-            ""
-            if Path(spec).exists()
-            else "; it is not a local path and could not be loaded from the Hugging Face Hub "
-            "or its cache (offline?) — download it first or pass a local directory or .gguf file"
-        )
-        raise ModelLoadError(f"cannot load the {what} of {spec!r}: {reason}{hint}") from None
+    except Exception as exc:  # a corrupt file fails in the parser's own terms (struct.error)
+        raise load_failure(spec, what, exc) from None
 
 
 def load_config(spec: str) -> object:

@@ -157,3 +157,15 @@ def test_plan_matches_the_bytes_a_cpu_prune_holds(family, method):
     model_bytes = figures["disk"]
     planned = figures["host_peak"] - model_bytes + figures["device_peak"] - shape.params * 4
     assert planned == pytest.approx(measured, rel=0.15), (planned, measured)
+
+
+@pytest.mark.parametrize("command", ["plan", "prune"])
+def test_a_corrupt_gguf_is_one_line_before_anything_loads(capsys, tmp_path, command):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + bytes(range(40)))
+    argv = [command, "--model", fake]
+    if command == "prune":
+        argv += ["--output", tmp_path / "out", "--quiet"]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "model.gguf" in err, err
+    assert not (tmp_path / "out").exists()
