@@ -137,7 +137,7 @@ def format_plan(plan: dict, model: str) -> str:
             + ("" if f["fits"] else "  (does not fit the budget)")
         )
     lines.append(
-        "device peak: what the engine uses under the budget (its chunks grow to fill it); "
+        "device peak: what the engine uses under the budget (chunks grow with it up to a cap); "
         "device min: the least it runs in"
     )
     return "\n".join(lines)
