@@ -12,7 +12,6 @@ each (calibration windows and solves shared). "solve" is the time spent in the l
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import tempfile
@@ -33,35 +32,13 @@ def _model() -> torch.nn.Module:
     return tf.LlamaForCausalLM(tf.LlamaConfig(**SIZES)).eval()
 
 
-def _timed(module: object, name: str, seconds: list[float]) -> None:
-    """Wrap ``module.name`` so that its calls add their wall time to ``seconds``."""
-    inner = getattr(module, name)
-
-    @functools.wraps(inner)
-    def wrapped(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            seconds[0] += time.perf_counter() - started
-
-    setattr(module, name, wrapped)
-
-
 def _prune(method: str, nsamples: int, seqlen: int) -> dict[str, float]:
     """Prune the model once in this process; its solve and whole-prune seconds."""
-    import sparsellm.pruners.layerwise as layerwise
-    import sparsellm.pruners.sparsellm as joint
+    from run_one import time_solves
+
     from sparsellm import prune_model
 
-    seconds = [0.0]
-    # solve_layers is reached through both modules; _solve_ffn times the whole FFN solve.
-    for module, name in (
-        (layerwise, "solve_layers"),
-        (joint, "solve_layers"),
-        (joint, "_solve_ffn"),
-    ):
-        _timed(module, name, seconds)
+    seconds = time_solves()
     ids = torch.randint(
         0, SIZES["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(1)
     )

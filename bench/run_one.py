@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -62,7 +63,6 @@ def export_safetensors(directory: str) -> None:
 def prune_offloaded(args: argparse.Namespace, calib: torch.Tensor, options: dict):
     """Prune ``args.model`` (a safetensors directory) out of core into ``args.output`` (or a
     temporary directory); the model skeleton and a store reading the pruned blocks back."""
-    import os
     import tempfile
     from pathlib import Path
 
@@ -83,6 +83,41 @@ def prune_offloaded(args: argparse.Namespace, calib: torch.Tensor, options: dict
     prune(offloaded.model, None, config, calibration_ids=calib, progress=False, store=store)
     seconds = time.perf_counter() - started
     return offloaded, offloaded.output_store(), seconds
+
+
+def time_solves() -> list[float]:
+    """Wrap the layer solves and the joint FFN solves so that their wall time adds up in the
+    returned one-element list (per process; under torchrun each rank its own)."""
+    import functools
+
+    import sparsellm.pruners.layerwise as layerwise
+    import sparsellm.pruners.sparsellm as joint
+
+    seconds = [0.0]
+    for module, name in (
+        (layerwise, "solve_layers"),
+        (joint, "solve_layers"),
+        (joint, "_solve_ffn"),
+    ):
+        inner = getattr(module, name)
+
+        def timed(*args, _inner=inner, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                seconds[0] += time.perf_counter() - started
+
+        setattr(module, name, functools.wraps(inner)(timed))
+    return seconds
+
+
+def join_ranks() -> bool:
+    """Under torchrun (WORLD_SIZE > 1), join the gloo group; True on rank 0 (or alone)."""
+    from sparsellm.distributed import init_from_environment, is_main
+
+    init_from_environment(torch.device("cpu"))
+    return is_main()
 
 
 def main() -> None:
@@ -110,6 +145,8 @@ def main() -> None:
         key, _, value = item.partition("=")
         options[key] = json.loads(value)
 
+    main_rank = join_ranks()
+    solve_seconds = time_solves()
     store = offloaded = None
     prune_seconds = None
     if args.offload == "disk":
@@ -132,6 +169,8 @@ def main() -> None:
     # The prune's own peak: evaluation (logits of a 49k vocabulary) comes after and is the
     # same in every mode.
     prune_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not main_rank:  # the ranks hold bit-identical models: rank 0 evaluates and reports
+        return
     ppl = windows_perplexity(model, evaluation, batch_size=8, progress=False, store=store)
     sparsity = decoder_sparsity(model, store)
     if offloaded is not None and offloaded.writer is not None:
@@ -153,6 +192,8 @@ def main() -> None:
                 "process_seconds": time.perf_counter() - START,
                 "peak_rss_mb": peak_mb,
                 "prune_peak_rss_mb": prune_peak_mb,
+                "solve_seconds": solve_seconds[0],
+                "ranks": int(os.environ.get("WORLD_SIZE", "1")),
             }
         ),
         flush=True,

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsellm.masks import SparsityTarget
-from sparsellm.memory import BlockShape, Budget, to_host
+from sparsellm.memory import BlockShape, Budget, return_freed_memory, to_host
 from sparsellm.models import Adapter
 from sparsellm.report import BlockResult, PruneReport
 
@@ -313,5 +313,7 @@ def prune_blocks(
         if inputs is not None and index < last:
             inputs.hidden = result.outputs if result.outputs is not None else job.forward()
         result.outputs = result.dense_outputs = None
+        del result, job
+        return_freed_memory()  # else the heap's fragments make the resident size creep
         if options.progress:
             bar.set_postfix(report.block_postfix())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
 from dataclasses import dataclass
@@ -288,3 +290,12 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised host tensor, pinned when the work happens on CUDA."""
     return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS. glibc keeps freed storage in its heap,
+    fragmented by the many chunk-sized temporaries of a block, so without this the resident
+    size grows block after block (SmolLM2, disk offload: 365 -> 616 MB over 30 blocks with
+    magnitude; flat with it). Called after every block."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -14,7 +14,6 @@ report are there (:class:`~sparsellm.saving.StagedOutput`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 
 from sparsellm.engine import BlockStore
 from sparsellm.errors import UserError
+from sparsellm.memory import return_freed_memory
 from sparsellm.saving import StagedOutput
 
 INDEX = "model.safetensors.index.json"
@@ -214,14 +214,6 @@ def place(owners: list[tuple[nn.Module, str]], tensor: torch.Tensor) -> None:
             module._buffers[leaf] = value
 
 
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS. glibc keeps freed blocks' storage in its
-    heap (fragmented by the many smaller temporaries of a prune), so without this the resident
-    size grew by about half a block per block on SmolLM2 (365 -> 616 MB over 30 blocks)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _move_buffers(block: nn.Module, device: torch.device | str) -> None:
     """Real buffers of ``block`` to ``device`` (``block.to`` would touch meta parameters)."""
     for module in block.modules():
@@ -321,6 +313,7 @@ class DiskStore(BlockStore):
             if param is not None and not param.is_meta:  # buffers stay real (below)
                 place(owners, param.detach().to("meta"))
         _move_buffers(block, "cpu")
+        # Its tensors are gone: hand their pages back (the engine does after every block too).
         return_freed_memory()
 
 
