@@ -37,6 +37,18 @@ def check_recorded(path: Path, key: str, digest: str, what: str) -> None:
     assert recorded[key] == digest, f"{key}: {what}"
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``sparsellm ARGV`` in this process: exit code, stdout, stderr."""
+    from sparsellm.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def tiny_config(family: str):
     import transformers as tf
 

@@ -2,19 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli as run
 from transformers import AutoModelForCausalLM
 
-from sparsellm.cli import main
 from sparsellm.masks import is_valid_nm
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_prune_happy_path_saves_a_model_that_reloads_identically(

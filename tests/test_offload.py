@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from conftest import VOCAB, byte_tokenizer, tiny_model
+from conftest import run_cli as run
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from sparsellm.api import prune
-from sparsellm.cli import main
 from sparsellm.config import prune_config
 from sparsellm.offload import DiskStore, OffloadedModel, offload_mode
 
@@ -128,15 +128,6 @@ def test_at_most_one_block_is_resident_while_pruning(tmp_path, method):
     assert max(store.resident_counts) == 1
     assert all(p.is_meta for p in blocks.parameters())  # every block went back to meta
     assert len(store.writer.weight_map) == sum(1 for _ in blocks.state_dict())
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def cli_prune(capsys, source, output, offload: str, *extra):

@@ -11,11 +11,11 @@ import pytest
 import torch
 import transformers as tf
 from conftest import FAMILIES, tiny_config
+from conftest import run_cli as run
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from sparsellm.api import prune_model
-from sparsellm.cli import main
 from sparsellm.engine import _hidden_width, block_shape
 from sparsellm.memory import BlockShape, Budget
 from sparsellm.models import get_adapter
@@ -23,15 +23,6 @@ from sparsellm.plan import Workload, mode_figures
 from sparsellm.shapes import config_sizes
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("family", FAMILIES)
