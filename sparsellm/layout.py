@@ -114,6 +114,27 @@ def _matching_wiring(
     return None
 
 
+def first_windows(batch: tuple, count: int) -> tuple:
+    """The first ``count`` windows of a calibration ``batch``: every tensor (hidden states,
+    masks, rotary tables) whose leading size is the batch's window count is cut to ``count``;
+    tensors shared by all windows (leading size 1) and other values stay as they are."""
+    hidden = batch[0]
+    windows = hidden.shape[0]
+    if hidden.dim() < 3 or windows <= count:
+        return batch
+
+    def cut(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            return value[:count] if value.dim() > 0 and value.shape[0] == windows else value
+        if isinstance(value, tuple | list):
+            return type(value)(cut(v) for v in value)
+        if isinstance(value, dict):
+            return {key: cut(v) for key, v in value.items()}
+        return value
+
+    return cut(batch)
+
+
 @torch.no_grad()
 def check_layout(block: nn.Module, candidates: list[FeedForward], batch: tuple) -> Layout:
     """Check ``candidates`` (FFN wirings) and the residual shortcut on the dense ``block``

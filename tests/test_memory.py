@@ -189,3 +189,18 @@ def test_cuda_prune_keeps_activations_on_the_host_and_matches_cpu():
     reference = pruned("sparsellm").state_dict()
     for name, weight in model.state_dict().items():
         assert torch.allclose(weight.cpu(), reference[name], rtol=1e-3, atol=1e-3), name
+
+
+def test_the_layout_check_runs_on_the_first_windows_only():
+    from sparsellm.layout import first_windows
+
+    hidden = torch.randn(8, 5, 3)
+    mask = torch.zeros(8, 1, 5, 5)
+    rotary = (torch.randn(1, 5, 2), torch.randn(8, 5, 2))
+    cut = first_windows((hidden, (mask,), {"position_embeddings": rotary, "flag": True}), 2)
+    assert cut[0].shape == (2, 5, 3) and cut[1][0].shape == (2, 1, 5, 5)
+    assert cut[2]["position_embeddings"][0].shape == (1, 5, 2)  # shared by all windows: kept
+    assert cut[2]["position_embeddings"][1].shape == (2, 5, 2) and cut[2]["flag"] is True
+    assert torch.equal(cut[0], hidden[:2])
+    small = (hidden[:2], (), {})
+    assert first_windows(small, 4) is small

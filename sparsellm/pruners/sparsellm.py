@@ -26,7 +26,7 @@ from torch import nn
 
 from sparsellm.distributed import all_reduce_sum_, ranks, world
 from sparsellm.engine import BlockJob, BlockPruner, block_shape
-from sparsellm.layout import Layout, check_layout
+from sparsellm.layout import Layout, check_layout, first_windows
 from sparsellm.memory import host_empty, to_host
 from sparsellm.models import FeedForward, linear_weight
 from sparsellm.pruners.layerwise import collect_statistics, solve_layers, write_solution
@@ -39,6 +39,7 @@ from sparsellm.solvers.sparsellm import FFNSolveResult, sparsellm_ffn
 
 CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes (no device budget: the CPU)
 _FFN_ROWS = 4096  # rows per chunk when the pruned FFN's outputs are formed
+LAYOUT_WINDOWS = 4  # calibration windows the layout check runs the dense block on
 
 
 @dataclass
@@ -150,7 +151,11 @@ def _pruned_outputs(job: BlockJob, ffn: FeedForward, data: _FFNData) -> list[tor
 def _layout(job: BlockJob) -> Layout:
     """The checked layout, restricted to what ``--skip`` leaves prunable."""
     candidates = job.adapter.feed_forward_candidates(job.block)
-    layout = check_layout(job.block, candidates, next(job.inputs.batches()))
+    batch = next(job.inputs.batches())
+    try:  # a few windows are evidence enough, at a fraction of a whole batch's memory
+        layout = check_layout(job.block, candidates, first_windows(batch, LAYOUT_WINDOWS))
+    except (RuntimeError, ValueError, IndexError):  # a block that cannot run on the cut batch
+        layout = check_layout(job.block, candidates, batch)
     if layout.ffn is not None and not all(n in job.layers for n in layout.ffn.names):
         return Layout(None, False, "part of the FFN is skipped (left dense)")
     return layout
