@@ -174,6 +174,11 @@ def solver_pass_bytes(shape: BlockShape) -> int:
     return (matrices * f * d + f * f + 2 * d * d) * F32
 
 
+def forward_fixed_bytes(shape: BlockShape) -> int:
+    """What a statistics pass holds whatever its batch: the d x d Gram sums it adds into."""
+    return 3 * shape.hidden**2 * F32
+
+
 def block_bytes(shape: BlockShape) -> int:
     """The block's own weights on the device."""
     return shape.params * shape.dtype_bytes
@@ -200,7 +205,7 @@ class Budget:
         speed well before that; more would only take memory)."""
         if self.total is None:
             return requested
-        room = self.total - block_bytes(shape) - 3 * shape.hidden**2 * F32
+        room = self.total - block_bytes(shape) - forward_fixed_bytes(shape)
         fit = room // max(1, seqlen * forward_token_bytes(shape, seqlen))
         return int(max(1, min(requested, fit, MAX_FORWARD_TOKENS // seqlen)))
 
@@ -267,7 +272,7 @@ def device_phase_bytes(
     if method == "magnitude":
         return {"forward": 0, "solve": 0, "windows": 0, "chunk": 0}
     windows = budget.forward_windows(shape, seqlen, windows)
-    forward = windows * seqlen * forward_token_bytes(shape, seqlen) + 3 * shape.hidden**2 * F32
+    forward = windows * seqlen * forward_token_bytes(shape, seqlen) + forward_fixed_bytes(shape)
     solve, chunk = solver_fixed_bytes(shape, method), 0
     if method == "sparsellm":
         chunk = min(tokens, budget.solver_tokens(shape, solver_chunk, device_type))

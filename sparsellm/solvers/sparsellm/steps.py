@@ -1,0 +1,130 @@
+"""The weight steps of a SparseLLM solve: each sparse least-squares problem solved here, or,
+across ranks, by one rank and broadcast to the others."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsellm.solvers.base import NumericalError
+from sparsellm.solvers.sparsellm.state import FFNProblem, SolveLog, check_finite
+from sparsellm.solvers.sparsellm.weights import (
+    WeightProblem,
+    WeightStep,
+    damped_inverse,
+    sparse_ls_steps,
+)
+
+# Masked conjugate-gradient iterations after each OBS sweep (and on the kept weight).
+CG_ITERS = 8
+
+
+def solve_weights(
+    problem: FFNProblem,
+    log: SolveLog,
+    gram: Tensor,
+    weights: list[WeightProblem],
+    epoch: int,
+    inverse: Tensor | None = None,
+    cg_iters: int = CG_ITERS,
+) -> list[WeightStep]:
+    """Weight steps sharing ``gram``; logs each choice and the damping retries.
+
+    With ``problem.ranks`` each weight is solved on one rank and its step broadcast.
+    """
+    solve = _local_steps if problem.ranks is None else _shared_steps
+    steps, retries = solve(problem, gram, weights, inverse, cg_iters)
+    log.info["damping_retries"] += retries
+    for wp, step in zip(weights, steps, strict=True):
+        check_finite(f"{wp.name} after epoch {epoch}", step.weight)
+        log.info["choices"].append((epoch, wp.name, step.choice))
+        log.info["damping_retries"] += step.retries
+    return steps
+
+
+def _local_steps(
+    problem: FFNProblem,
+    gram: Tensor,
+    weights: list[WeightProblem],
+    inverse: Tensor | None,
+    cg_iters: int,
+) -> tuple[list[WeightStep], int]:
+    """The steps solved here, and the damping retries of ``gram``'s inverse (if computed)."""
+    retries = 0
+    if inverse is None:
+        inverse, retries = damped_inverse(gram, problem.dampening)
+    steps = sparse_ls_steps(
+        gram,
+        weights,
+        problem.target,
+        inverse=inverse,
+        dampening=problem.dampening,
+        blocksize=problem.blocksize,
+        cg_iters=cg_iters,
+    )
+    return steps, retries
+
+
+def _shared_steps(
+    problem: FFNProblem,
+    gram: Tensor,
+    weights: list[WeightProblem],
+    inverse: Tensor | None,
+    cg_iters: int,
+) -> tuple[list[WeightStep], int]:
+    """Each weight solved by one rank (by its OBS cost, rows × cols²), its step broadcast.
+
+    Every rank holds the same all-reduced Grams and weights, so a step solved on any of them
+    is the step of all; the inverse's retries are counted once, by ``weights[0]``'s owner.
+    """
+    ranks = problem.ranks
+    owners = ranks.owners([float(w.anchor.shape[0] * w.anchor.shape[1] ** 2) for w in weights])
+    mine = [w for w, owner in zip(weights, owners, strict=True) if owner == ranks.rank]
+    solved: dict[str, WeightStep] = {}
+    retries, failure = 0, None
+    try:
+        if mine:
+            steps, retries = _local_steps(problem, gram, mine, inverse, cg_iters)
+            solved = {w.name: step for w, step in zip(mine, steps, strict=True)}
+    except NumericalError as exc:  # raised on every rank below, so all take the fallback
+        failure = exc
+    out = [
+        _share_step(problem, w, solved.get(w.name), owner, failure, retries if k == 0 else 0)
+        for k, (w, owner) in enumerate(zip(weights, owners, strict=True))
+    ]
+    return [step for step, _ in out], out[0][1]
+
+
+_CHOICES = ("obs", "kept+cg", "kept")  # WeightStep.choice, by index in a broadcast
+
+
+def _share_step(
+    problem: FFNProblem,
+    wp: WeightProblem,
+    step: WeightStep | None,
+    owner: int,
+    failure: NumericalError | None,
+    inverse_retries: int,
+) -> tuple[WeightStep, int]:
+    """``wp``'s step and inverse retries from its ``owner`` rank on every rank."""
+    ranks, device = problem.ranks, wp.anchor.device
+    figures = torch.zeros(5, dtype=torch.float64)  # delta, choice, retries, inverse's, failed
+    if ranks.rank == owner:
+        if failure is not None:
+            figures[4] = 1.0
+        else:
+            choice = _CHOICES.index(step.choice)
+            figures[:4] = torch.tensor([step.delta, choice, step.retries, inverse_retries])
+    delta, choice, retries, inverse_retries, failed = ranks.broadcast_(
+        figures.to(device), owner
+    ).tolist()
+    if failed:
+        if failure is not None and ranks.rank == owner:
+            raise failure
+        raise NumericalError(f"sparse solve of {wp.name} failed on rank {owner}")
+    if step is not None:
+        weight = step.weight
+    else:  # broadcasts need contiguous buffers; the anchor may be a view of a fused weight
+        weight = torch.empty(wp.anchor.shape, dtype=torch.float32, device=device)
+    ranks.broadcast_(weight, owner)
+    return WeightStep(weight, delta, _CHOICES[int(choice)], int(retries)), int(inverse_retries)
