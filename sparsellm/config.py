@@ -62,6 +62,21 @@ class PruneConfig:
     )
     skip: str | None = setting(None, "regex on layer names to leave dense (e.g. 'layers\\.0\\.')")
     overwrite: bool = setting(False, "replace a non-empty output directory", "bool")
+    resume: bool = setting(
+        False,
+        "continue an interrupted run into the same --output from its last finished block "
+        "(same settings; the result equals an uninterrupted run)",
+        "bool",
+    )
+    allow_pickle: bool = setting(
+        False,
+        "load a pickle checkpoint (pytorch_model.bin: unpickling runs code, so only from a "
+        "source you trust); safetensors is always preferred",
+        "bool",
+    )
+    trust_remote_code: bool = setting(
+        False, "run the model repository's own Python code (only for a source you trust)", "bool"
+    )
     guard: bool = setting(
         True,
         "re-do a block whose output error exceeds 1 with SparseGPT and stop if it is still "
@@ -142,6 +157,15 @@ class EvalConfig:
     batch_size: int = setting(4, "windows per forward pass", "positive_int")
     device: str | None = setting(None, "default: cuda if available, else cpu")
     dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
+    allow_pickle: bool = setting(
+        False,
+        "load a pickle checkpoint (pytorch_model.bin: unpickling runs code, so only from a "
+        "source you trust); safetensors is always preferred",
+        "bool",
+    )
+    trust_remote_code: bool = setting(
+        False, "run the model repository's own Python code (only for a source you trust)", "bool"
+    )
 
 
 @dataclass
@@ -171,6 +195,15 @@ class FinetuneConfig:
     device: str | None = setting(None, "default: cuda if available, else cpu")
     dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
     overwrite: bool = setting(False, "replace a non-empty output directory", "bool")
+    allow_pickle: bool = setting(
+        False,
+        "load a pickle checkpoint (pytorch_model.bin: unpickling runs code, so only from a "
+        "source you trust); safetensors is always preferred",
+        "bool",
+    )
+    trust_remote_code: bool = setting(
+        False, "run the model repository's own Python code (only for a source you trust)", "bool"
+    )
 
 
 @dataclass
@@ -189,6 +222,9 @@ class PlanConfig:
     )
     ranks: int = setting(8, "processes of the multi-rank rows (torchrun)", "positive_int")
     json: bool = setting(False, "print a JSON dict instead of the table", "bool")
+    trust_remote_code: bool = setting(
+        False, "run the model repository's own Python code (only for a source you trust)", "bool"
+    )
 
 
 def plan_config(values: dict[str, Any]) -> PlanConfig:
