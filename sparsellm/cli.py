@@ -8,8 +8,12 @@ detected before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
 from sparsellm.config import (
@@ -88,6 +92,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from sparsellm.preflight import check_prune_inputs
 
     check_prune_inputs(config)  # calibration length and positions, before the model loads
+    _remove_stale(config.output)
     session = _PruneSession(config, progress=not args.quiet, offload=offload)
     report = session.run(started)
     if not is_main():
@@ -218,6 +223,14 @@ class _PruneSession:
         return value
 
 
+def _remove_stale(output: str) -> None:
+    """Remove (and say so) what killed runs left next to ``output``."""
+    from sparsellm.saving import remove_stale_temporaries
+
+    for path in remove_stale_temporaries(output):
+        print(f"sparsellm: removed {path}, left by an earlier run that was killed", file=sys.stderr)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from sparsellm.api import default_device, evaluate_perplexity
     from sparsellm.distributed import init_from_environment, is_main
@@ -269,6 +282,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if config.eval:
         check_source(config.eval)
     device = default_device(config.device)
+    _remove_stale(config.output)
     model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
     train, held_out = _finetune_windows(config, tokenizer)
     result = finetune_from_config(
@@ -334,18 +348,52 @@ SUBCOMMANDS = (
 )
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that everything unwinds as for Ctrl-C (staged
+    output discarded) and the process ends with one line."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` for the duration (main thread only: signals are
+    delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point: exit 0, 2 for bad input, 1 for a numerical failure, 130 / 143
+    when stopped by SIGINT / SIGTERM (one line each; a staged output is removed first)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with _sigterm_unwinds():
+            return args.run(args)
     except UserError as exc:
         print(f"sparsellm: error: {exc}", file=sys.stderr)
         return 2
     except NumericalError as exc:
         print(f"sparsellm: numerical failure: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"sparsellm: interrupted (Ctrl-C); {_STOPPED}", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"sparsellm: terminated (SIGTERM); {_STOPPED}", file=sys.stderr)
+        return 143
+
+
+_STOPPED = "nothing half-written was left at the output"
 
 
 if __name__ == "__main__":
