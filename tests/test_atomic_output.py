@@ -65,8 +65,10 @@ def test_failed_overwrite_keeps_the_old_output(capsys, monkeypatch, tmp_path, mo
     assert _leftovers(tmp_path, output) == []
 
 
-@pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "Ctrl-C"),
-                                                      (signal.SIGTERM, 143, "SIGTERM")])  # fmt: skip
+STOPS = [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")]
+
+
+@pytest.mark.parametrize(("signum", "code", "word"), STOPS)
 def test_signal_while_saving_leaves_nothing(
     capsys, monkeypatch, tmp_path, model_dir, signum, code, word
 ):
