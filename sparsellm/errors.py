@@ -7,3 +7,8 @@ class UserError(ValueError):
 
 class NumericalError(RuntimeError):
     """A solve that could not be completed with finite numbers."""
+
+
+class NonFiniteError(UserError):
+    """NaN or Inf in a model's weights or activations, named where found: nothing sound can be
+    pruned from or against it."""

@@ -18,11 +18,13 @@ from torch import nn
 
 from sparsellm.distributed import all_reduce_sum_
 from sparsellm.engine import BlockJob, BlockPruner
+from sparsellm.errors import NonFiniteError
 from sparsellm.models import linear_weight, set_linear_weight
 from sparsellm.report import BlockResult
 from sparsellm.solvers import NumericalError
 
 JUMP = 10.0  # a block error this many times the previous block's is suspect
+FINITE_CHUNK = 1 << 24  # elements checked at once: a bounded temporary, not a block's worth
 
 
 class DivergenceError(NumericalError):
@@ -65,6 +67,9 @@ def _restore(layers: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> 
 def _run(job: BlockJob, pruner: BlockPruner) -> BlockResult:
     """``pruner`` on ``job``, with the pruned outputs and their error where data allows."""
     result = pruner(job)
+    for batch, dense in enumerate(result.dense_outputs or ()):
+        name = job.adapter.block_name(job.index)
+        _check_activations(dense, f"the dense outputs of {name}", batch)
     if job.inputs is not None and result.dense_outputs is not None:
         if result.outputs is None:
             result.outputs = job.forward()
@@ -72,10 +77,51 @@ def _run(job: BlockJob, pruner: BlockPruner) -> BlockResult:
     return result
 
 
+def _nonfinite(tensor: torch.Tensor) -> int:
+    """How many entries of ``tensor`` are NaN or Inf, checked in bounded chunks."""
+    flat = tensor.detach().reshape(-1)
+    return sum(
+        int((~torch.isfinite(flat[i : i + FINITE_CHUNK])).sum())
+        for i in range(0, flat.numel(), FINITE_CHUNK)
+    )
+
+
+def check_weights_finite(module: nn.Module, prefix: str = "") -> None:
+    """Refuse NaN/Inf in ``module``'s resident weights (those on ``meta`` wait elsewhere),
+    naming the first tensor that holds any."""
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and not param.is_meta and (count := _nonfinite(param)):
+            where = f"{prefix}.{name}" if prefix else name
+            raise NonFiniteError(
+                f"{where} holds {count} NaN/Inf values: the checkpoint is damaged "
+                "(re-download or re-export it)"
+            )
+
+
+def check_finite(job: BlockJob) -> None:
+    """Refuse a block whose weights or incoming activations hold NaN/Inf, naming where: a
+    solver fed such numbers would fail far from the cause or write a broken model."""
+    name = job.adapter.block_name(job.index)
+    check_weights_finite(job.block, name)
+    for batch, hidden in enumerate(job.inputs.hidden if job.inputs is not None else ()):
+        _check_activations(hidden, f"the activations entering {name}", batch)
+
+
+def _check_activations(hidden: torch.Tensor, what: str, batch: int) -> None:
+    if count := _nonfinite(hidden):
+        dtype = str(hidden.dtype).removeprefix("torch.")
+        raise NonFiniteError(
+            f"{what} hold {count} NaN/Inf values (calibration batch {batch}): the dense model "
+            f"overflows on this text in {dtype}; try --dtype bfloat16 or float32"
+        )
+
+
 def prune_guarded(
     job: BlockJob, prune_block: BlockPruner, fallback: BlockPruner | None, previous: float | None
 ) -> BlockResult:
-    """Prune ``job``'s block with ``prune_block``; re-do it with ``fallback`` if it diverges."""
+    """Prune ``job``'s block with ``prune_block``; re-do it with ``fallback`` if it diverges.
+    NaN/Inf in the block's weights or inputs stop the run first (:func:`check_finite`)."""
+    check_finite(job)
     if not job.layers:
         return BlockResult(path="dense", reason="every layer skipped")
     guarded = job.options.guard and job.inputs is not None

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sparsellm.distributed import all_reduce_sum_
-from sparsellm.errors import UserError
+from sparsellm.errors import NonFiniteError
 from sparsellm.models import FeedForward, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -170,17 +170,16 @@ def check_layout(block: nn.Module, candidates: list[FeedForward], batch: tuple) 
     return Layout(ffn, True, "block output = residual + FFN output (checked)", deviation)
 
 
-class NonFiniteActivationsError(UserError):
-    """The dense model itself produces NaN/Inf: nothing can be pruned against it."""
-
-
 def _check_finite(model: nn.Module, outputs: dict[int, torch.Tensor]) -> None:
-    """One line naming the first block whose dense output is not finite (fp16 overflow, broken
-    weights), instead of letting later checks misread it."""
+    """One line naming the first block whose dense output is not finite, instead of letting
+    later checks misread it: the weight that holds NaN/Inf where one does, else overflow."""
+    from sparsellm.guard import check_weights_finite
+
     for index in sorted(outputs):
         if not torch.isfinite(outputs[index]).all():
+            check_weights_finite(model)
             dtype = str(outputs[index].dtype).removeprefix("torch.")
-            raise NonFiniteActivationsError(
+            raise NonFiniteError(
                 f"the dense model's block {index} outputs NaN/Inf in {dtype} on the calibration "
                 "text (overflow or broken weights); load it in float32 or bfloat16 (--dtype)"
             )

@@ -179,11 +179,39 @@ def test_guard_setting_is_validated_and_parsed():
 
 
 def test_a_dense_model_that_overflows_is_named_not_called_unsupported(calibration_ids):
-    from sparsellm.layout import NonFiniteActivationsError
+    from sparsellm.errors import NonFiniteError
 
     model = tiny_model("llama", dtype=torch.float16)
     with torch.no_grad():
         for param in model.parameters():
             param.mul_(30)  # block 0 already overflows float16
-    with pytest.raises(NonFiniteActivationsError, match="block 0 outputs NaN/Inf in float16"):
+    with pytest.raises(NonFiniteError, match="block 0 outputs NaN/Inf in float16"):
+        prune_model(model, method="sparsegpt", calibration=calibration_ids, progress=False)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_nan_in_a_weight_is_named(method, calibration_ids):
+    from sparsellm.errors import NonFiniteError
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+        model.model.layers[1].mlp.up_proj.weight[4, 5] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds 2 "):
+        prune_model(model, method=method, calibration=calibration_ids, progress=False)
+
+
+def test_overflowing_activations_are_named(calibration_ids):
+    """Overflow past the chain check's few tokens is caught where the dense block makes it."""
+    from sparsellm.errors import NonFiniteError
+
+    model = tiny_model("llama", dtype=torch.float16)
+    seen_by_chain_check = set(calibration_ids[0, :16].tolist())
+    token = next(t for t in calibration_ids[1:].flatten().tolist() if t not in seen_by_chain_check)
+    with torch.no_grad():
+        # The token's residual stream sits at the edge of float16; attention output pushes it
+        # over, for that token alone.
+        model.model.embed_tokens.weight[token] = 65000
+        model.model.layers[0].self_attn.o_proj.weight.mul_(4e4)
+    with pytest.raises(NonFiniteError, match=r"inputs of model\.layers\.0\.mlp\.gate_proj hold"):
         prune_model(model, method="sparsegpt", calibration=calibration_ids, progress=False)

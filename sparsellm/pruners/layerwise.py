@@ -12,6 +12,7 @@ from torch import nn
 
 from sparsellm.distributed import balanced_owners, broadcast_, world
 from sparsellm.engine import BlockJob, BlockPruner, block_output
+from sparsellm.errors import NonFiniteError
 from sparsellm.masks import SparsityTarget
 from sparsellm.memory import to_host
 from sparsellm.models import UnsupportedModelError, linear_weight, set_linear_weight
@@ -70,6 +71,18 @@ def _unseen_error(job: BlockJob, name: str) -> UnsupportedModelError:
     )
 
 
+def _check_finite_inputs(job: BlockJob, stats: dict[str, LayerStatistics]) -> None:
+    """Name the first layer whose inputs held NaN/Inf (their squared norms say so), rather than
+    let a solver fail on a Gram matrix that does not say whose it is."""
+    for name, layer_stats in stats.items():
+        if not torch.isfinite(layer_stats.sq_norms).all():
+            dtype = str(next(job.block.parameters()).dtype).removeprefix("torch.")
+            raise NonFiniteError(
+                f"the inputs of {job.full_name(name)} hold NaN/Inf on the calibration text: "
+                f"the block overflows in {dtype}; try --dtype bfloat16 or float32"
+            )
+
+
 def collect_statistics(
     job: BlockJob, layers: dict[str, nn.Module], kind: Statistic, keep_outputs: bool = False
 ) -> tuple[dict[str, LayerStatistics], list[torch.Tensor]]:
@@ -94,6 +107,7 @@ def collect_statistics(
     unseen = [name for name in layers if name not in stats]
     if unseen:
         raise _unseen_error(job, unseen[0])
+    _check_finite_inputs(job, stats)
     return stats, outputs
 
 
