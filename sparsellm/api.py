@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from sparsellm.models import get_adapter
 from sparsellm.pruners import fallback_pruner, get_method
 from sparsellm.report import PruneReport
 from sparsellm.settings import ConfigError
+
+if TYPE_CHECKING:
+    from sparsellm.resume import RunRecord
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -74,11 +78,14 @@ def prune(
     calibration_ids: torch.Tensor | None = None,
     progress: bool = True,
     store: BlockStore | None = None,
+    record: RunRecord | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place as a checked ``config`` says (see :func:`prune_model`);
     ``calibration_ids`` [n, seqlen], when given, replace ``config.calibration``. ``store``:
     where the blocks wait between visits (default: in memory; an out-of-core model's
-    :meth:`~sparsellm.offload.OffloadedModel.pruning_store` reads and writes them on disk)."""
+    :meth:`~sparsellm.offload.OffloadedModel.pruning_store` reads and writes them on disk).
+    ``record``: where each finished block is recorded, and the blocks an interrupted run
+    finished are restored from (:func:`sparsellm.resume.open_record`; the CLI's ``--resume``)."""
     if config.options is None:  # built by hand rather than by prune_config(): check it now
         config = prune_config(config.to_dict(), require_io=False)
     method = get_method(config.method)
@@ -102,6 +109,7 @@ def prune(
         progress=progress,
         guard=config.guard,
         store=store,
+        record=record,
     )
     started = time.perf_counter()
     pruner = method.build(config.options)

@@ -8,6 +8,8 @@
    divergence guard (:mod:`sparsellm.guard`), recompute the block's outputs with the pruned
    weights (unless the pruner formed them), move it back. Outputs feed the next block, so
    later blocks see earlier pruning.
+3. With a record (the CLI's, :mod:`sparsellm.resume`), each finished block is recorded once
+   released, and the blocks an interrupted run finished are restored instead of pruned again.
 
 The engine knows neither a model family (that is the adapter) nor a solver's math (that is the
 block pruner and the solvers behind it).
@@ -19,6 +21,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +31,9 @@ from sparsellm.masks import SparsityTarget
 from sparsellm.memory import BlockShape, Budget, return_freed_memory, to_host
 from sparsellm.models import Adapter
 from sparsellm.report import BlockResult, PruneReport
+
+if TYPE_CHECKING:
+    from sparsellm.resume import RunRecord
 
 CHAIN_CHECK_TOKENS = 16  # tokens of the dense forward that checks blocks form a chain
 
@@ -95,6 +101,7 @@ class EngineOptions:
     guard: bool = True  # re-do or stop on a diverging block (see sparsellm.guard)
     store: BlockStore | None = None  # where blocks live between visits (None: in memory)
     budget: Budget = field(default_factory=lambda: Budget(None))  # device bytes to use
+    record: RunRecord | None = None  # where finished blocks are recorded for --resume
 
 
 @dataclass
@@ -248,14 +255,18 @@ def stream_blocks(
     desc: str,
     progress: bool,
     store: BlockStore | None = None,
+    start: int = 0,
+    released: Callable[[int, nn.Module], None] | None = None,
 ) -> Iterator[tuple[int, nn.Module, tqdm]]:
-    """Each decoder block in order, fetched to ``device`` from ``store`` while the caller works
-    on it and released afterwards: the one loop by which pruning and streamed evaluation visit
-    blocks."""
+    """Each decoder block in order from ``start``, fetched to ``device`` from ``store`` while
+    the caller works on it and released afterwards: the one loop by which pruning and streamed
+    evaluation visit blocks. ``released(index, block)`` runs once a visit that ended normally
+    is released (an offloaded block's shard is written by then)."""
     store = store or BlockStore()
     blocks = adapter.blocks()
-    bar = tqdm(blocks, desc=desc, unit="block", disable=not progress)
-    for index, block in enumerate(bar):
+    rest = blocks[start:]
+    bar = tqdm(rest, desc, len(blocks), disable=not progress, unit="block", initial=start)
+    for index, block in enumerate(bar, start):
         store.fetch(index, block, device)
         try:
             yield index, block, bar
@@ -263,6 +274,8 @@ def stream_blocks(
             store.release(index, block, completed=False)
             raise
         store.release(index, block, completed=True)
+        if released is not None:
+            released(index, block)
 
 
 def _prunable(
@@ -293,6 +306,7 @@ def prune_blocks(
     """
     from sparsellm.guard import prune_guarded
     from sparsellm.layout import check_block_chain
+    from sparsellm.resume import block_entry
 
     skip = re.compile(options.skip) if options.skip else None
     inputs = None
@@ -301,14 +315,28 @@ def prune_blocks(
         check_block_chain(model, adapter.blocks(), ids, options.store)
         inputs = capture_block_inputs(model, adapter, windows, options)
     last = len(adapter.blocks()) - 1
-    previous_error = None
+    record = options.record
+    start, previous_error = 0, None
+    if record is not None:  # --resume: finished blocks, their entries and activations back
+        start, previous_error = record.restore(adapter, inputs, windows, report)
+    finished: dict[int, dict] = {}  # a block's report entry, until its record is written
+
+    def released(index: int, block: nn.Module) -> None:
+        # After release: an offloaded block's shard (part of the record) is on disk by now.
+        hidden = inputs.hidden if inputs is not None and index < last else None
+        record.record(index, block, finished.pop(index), hidden, previous_error)
+
     desc = f"pruning {target}"
-    blocks = stream_blocks(adapter, options.device, desc, options.progress, options.store)
+    on_release = released if record is not None else None
+    store, progress = options.store, options.progress
+    blocks = stream_blocks(adapter, options.device, desc, progress, store, start, on_release)
     for index, block, bar in blocks:
         layers = _prunable(adapter, block, index, skip)
         job = BlockJob(index, block, layers, inputs, adapter, target, options)
         result = prune_guarded(job, prune_block, fallback, previous_error)
         report.add_block(index, result)
+        if record is not None:
+            finished[index] = block_entry(index, result)
         previous_error = result.output_error or previous_error
         if inputs is not None and index < last:
             inputs.hidden = result.outputs if result.outputs is not None else job.forward()

@@ -8,16 +8,20 @@ hook) reads one block's tensors when the engine fetches it and, while pruning, w
 pruned block to its own output shard as soon as it is released, turning it back to ``meta``.
 :class:`OffloadedModel` ties these together for the CLI and the benchmark; the staging
 directory of the output is renamed into place only once the index, config, tokenizer and
-report are there (:class:`~sparsellm.saving.StagedOutput`).
+report are there (:class:`~sparsellm.saving.StagedOutput`). Under the CLI the shards wait in
+the resume record (:mod:`sparsellm.resume`) until then, so an interrupted run keeps them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,7 +29,10 @@ from torch import nn
 from sparsellm.engine import BlockStore
 from sparsellm.errors import UserError
 from sparsellm.memory import return_freed_memory
-from sparsellm.saving import StagedOutput
+from sparsellm.saving import StagedOutput, output_errors
+
+if TYPE_CHECKING:
+    from sparsellm.resume import RunRecord
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -232,40 +239,109 @@ def _cast(tensor: torch.Tensor, like: torch.Tensor, device: torch.device | str) 
 class ShardWriter:
     """The output directory, filled shard by shard: one ``model-K-of-N.safetensors`` per block
     as soon as it is pruned, the rest of the model last, then the index json, config,
-    tokenizer and reports, and only then renamed into place."""
+    tokenizer and reports, and only then renamed into place.
 
-    def __init__(self, output: str | Path, blocks: int):
-        self.staged = StagedOutput(output)
+    With a ``record`` (the CLI, :mod:`sparsellm.resume`) the shards are written into the
+    record's ``shards/`` directory instead, which survives a killed run: they are the record's
+    weights, and those of the blocks an earlier run finished are taken over as they are. At
+    :meth:`finish` they are hard-linked (copied where the filesystem cannot link) into a staged
+    output, so until that output is in place the record stays whole."""
+
+    def __init__(self, output: str | Path, blocks: int, record: RunRecord | None = None):
+        self.output = Path(output)
         self.count = blocks + 1
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
+        self.resumable = record is not None
+        self.staged = None if self.resumable else StagedOutput(output)
+        self.directory = record.shards if record is not None else self.staged.path
+        if record is not None:
+            with output_errors(output):
+                self.directory.mkdir(parents=True, exist_ok=True)
+            for shard in range(record.done):
+                self._adopt(shard)
+
+    def _file(self, shard: int) -> str:
+        return f"model-{shard + 1:05d}-of-{self.count:05d}.safetensors"
+
+    def _adopt(self, shard: int) -> None:
+        """Take over shard ``shard`` written by an earlier run (its names and sizes)."""
+        from sparsellm.resume import ResumeError, read_header
+
+        file = self._file(shard)
+        if not (self.directory / file).is_file():
+            raise ResumeError(
+                f"the resume record lacks {str(self.directory / file)!r}; remove "
+                f"{str(self.directory.parent)!r} to start over"
+            )
+        header, _, _ = read_header(self.directory / file)
+        for name, entry in header.items():
+            self.weight_map[name] = file
+            self.total_size += entry["data_offsets"][1] - entry["data_offsets"][0]
 
     def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Shard ``shard`` (0-based; the blocks' indices, then the rest) holding ``tensors``."""
+        """Shard ``shard`` (0-based; the blocks' indices, then the rest) holding ``tensors``;
+        under a temporary name renamed into place (a kill mid-write leaves no torn shard), and
+        a full disk is one line (:class:`~sparsellm.saving.OutputError`)."""
         from safetensors.torch import save_file
 
-        file = f"model-{shard + 1:05d}-of-{self.count:05d}.safetensors"
-        save_file(tensors, self.staged.path / file, metadata={"format": "pt"})
+        file = self._file(shard)
+        temporary = self.directory / f"{file}.tmp"
+        with output_errors(self.output):
+            try:
+                save_file(tensors, temporary, metadata={"format": "pt"})
+                temporary.chmod(0o666 & ~_umask())  # save_file makes it private (0600)
+                os.replace(temporary, self.directory / file)
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
         for name, tensor in tensors.items():
             self.weight_map[name] = file
             self.total_size += tensor.numel() * tensor.element_size()
 
     def written(self) -> Checkpoint:
         """The shards written so far, readable like a source checkpoint."""
-        return Checkpoint(self.staged.path, dict(self.weight_map))
+        return Checkpoint(self.directory, dict(self.weight_map))
 
     def finish(self, model: nn.Module, tokenizer: object, reports: dict | None = None) -> Path:
         """Index json, config, generation config, tokenizer and ``reports``; rename into
         place. The rest of the model (outside the blocks) must have been written."""
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-        (self.staged.path / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        model.config.architectures = [type(model).__name__]  # as save_pretrained records
-        model.config.save_pretrained(self.staged.path)
-        if model.can_generate() and model.generation_config is not None:
-            model.generation_config.save_pretrained(self.staged.path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.staged.path)
-        return self.staged.commit(reports)
+        with output_errors(self.output):
+            if self.staged is None:
+                self.staged = StagedOutput(self.output)
+            target = self.staged.path
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (target / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            model.config.architectures = [type(model).__name__]  # as save_pretrained records
+            model.config.save_pretrained(target)
+            if model.can_generate() and model.generation_config is not None:
+                model.generation_config.save_pretrained(target)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(target)
+            if self.resumable:  # last: the record keeps its shards until the output is in place
+                for file in sorted(set(self.weight_map.values())):
+                    _link(self.directory / file, target / file)
+            return self.staged.commit(reports)
+
+    def discard(self) -> None:
+        """Remove the staged output of an unfinished run (a record's shards stay)."""
+        if self.staged is not None:
+            self.staged.discard()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no second copy on disk), or a copy where the
+    filesystem has no hard links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 class DiskStore(BlockStore):
@@ -351,11 +427,14 @@ class OffloadedModel:
         """Reads the dense blocks from the source checkpoint."""
         return DiskStore(self.model, self.checkpoint, self.names)
 
-    def pruning_store(self, output: str | Path | None) -> DiskStore:
-        """Reads dense blocks and writes each pruned one under ``output`` (staged); ``None``
-        (a rank that does not write) drops them."""
+    def pruning_store(
+        self, output: str | Path | None, record: RunRecord | None = None
+    ) -> DiskStore:
+        """Reads dense blocks and writes each pruned one under ``output`` (staged, or into
+        ``record``, see :class:`ShardWriter`); ``None`` (a rank that does not write) drops
+        them."""
         if output is not None:
-            self.writer = ShardWriter(output, len(self.adapter.blocks()))
+            self.writer = ShardWriter(output, len(self.adapter.blocks()), record)
         return DiskStore(self.model, self.checkpoint, self.names, self.writer)
 
     def output_store(self) -> DiskStore:
@@ -376,9 +455,9 @@ class OffloadedModel:
         return self.writer.finish(self.model, self.tokenizer, reports)
 
     def discard(self) -> None:
-        """Remove the staging directory of an unfinished output."""
+        """Remove the staging directory of an unfinished output (a resume record stays)."""
         if self.writer is not None:
-            self.writer.staged.discard()
+            self.writer.discard()
 
 
 def _tokenizer(directory: Path) -> object:
