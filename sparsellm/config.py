@@ -22,9 +22,9 @@ else:  # pragma: no cover
 
 from sparsellm.data import describe_sources
 from sparsellm.masks import SparsityTarget
-from sparsellm.pruners import get_method, methods_with, option_fields
+from sparsellm.pruners import Method, get_method, methods_with, option_fields
 from sparsellm.saving import FORMATS
-from sparsellm.settings import ConfigError, check_settings, declared, setting
+from sparsellm.settings import ConfigError, check_settings, check_value, declared, setting
 
 SOURCES = describe_sources()
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -127,9 +127,18 @@ def _split_prune_keys(values: dict[str, Any], method: str) -> tuple[dict, dict]:
     return common, own
 
 
+def _method(schema: type, values: dict[str, Any]) -> Method:
+    """The method ``values`` names, its type checked first (a recipe's ``method = 3`` is a
+    wrong type, not an unknown method)."""
+    field = next(f for f in declared(schema) if f.name == "method")
+    name = values.get("method", field.default)
+    check_value(field, name)
+    return get_method(name)
+
+
 def prune_config(values: dict[str, Any], require_io: bool = True) -> PruneConfig:
     """A checked :class:`PruneConfig` from flat keys (recipe, flags or keywords)."""
-    method = get_method(values.get("method", PruneConfig.method))  # named before its options
+    method = _method(PruneConfig, values)  # named before its options
     common, own = _split_prune_keys(values, method.name)
     config = PruneConfig(**common)
     check_settings(config)
@@ -140,10 +149,54 @@ def prune_config(values: dict[str, Any], require_io: bool = True) -> PruneConfig
         except re.error as exc:
             message = f"skip {config.skip!r} is not a valid regular expression: {exc}"
             raise ConfigError(message) from None
+    check_device(config.device)
     if require_io:
         require_model(config.model)
         check_output(config.output, config.overwrite)
     return config
+
+
+_DEVICE_KINDS = "cpu, cuda, cuda:N, mps or xpu"
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of ``kind`` this machine has (0: none usable)."""
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    xpu = getattr(torch, "xpu", None)
+    return xpu.device_count() if xpu is not None and xpu.is_available() else 0
+
+
+def check_device(device: str | None) -> None:
+    """A ``--device`` this machine has, checked when the settings are (before any model
+    loads): a CUDA run on a machine without CUDA fails here, not after an hour of loading."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device name; use {_DEVICE_KINDS}") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type not in ("cuda", "mps", "xpu"):
+        raise ConfigError(f"device {device!r} is not supported; use {_DEVICE_KINDS}")
+    count = _device_count(parsed.type)
+    if count == 0:
+        raise ConfigError(
+            f"device {device!r} is not available: this machine has no {parsed.type} device "
+            "(or this torch build cannot use it); use --device cpu"
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(
+            f"device {device!r} does not exist: this machine has {count} {parsed.type} "
+            f"device(s), {parsed.type}:0 to {parsed.type}:{count - 1}"
+        )
 
 
 @dataclass
@@ -231,7 +284,7 @@ def plan_config(values: dict[str, Any]) -> PlanConfig:
     """A checked :class:`PlanConfig`."""
     config = _build(PlanConfig, values)
     require_model(config.model)
-    get_method(config.method)
+    get_method(config.method)  # its type was checked with the other settings
     if config.device_memory == "auto":
         raise ConfigError("device_memory must be a size for a plan (there is no device to ask)")
     return config
@@ -259,6 +312,7 @@ def eval_config(values: dict[str, Any]) -> EvalConfig:
     """A checked :class:`EvalConfig`."""
     config = _build(EvalConfig, values)
     require_model(config.model)
+    check_device(config.device)
     return config
 
 
@@ -268,6 +322,7 @@ def finetune_config(values: dict[str, Any]) -> FinetuneConfig:
     require_model(config.model)
     if config.target_sparsity is not None and not 0 <= config.target_sparsity < 1:
         raise ConfigError(f"target_sparsity {config.target_sparsity} is outside [0, 1)")
+    check_device(config.device)
     check_output(config.output, config.overwrite)
     return config
 

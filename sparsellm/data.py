@@ -7,6 +7,11 @@ A *source* is one of:
 - a local ``.txt`` file, a directory of ``.txt`` files (sorted by name, joined by a blank line),
   or a ``.jsonl`` file with a ``text`` field;
 - a ``.pt`` file holding an integer tensor ``[n, seqlen]`` of token ids, used as is.
+
+Everything read here is untrusted input: text must be UTF-8 (an error names the file and the
+byte offset), a ``.pt`` file is read with ``weights_only=True`` (no pickled code runs) and
+must hold non-negative integer ids of rank 2 (:func:`load_token_tensor`); whether the ids fit
+a model's vocabulary is checked against its config (:func:`check_token_ids`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,20 @@ NAMED_DATASETS = ("wikitext2", "c4", "ptb")
 
 class DataError(UserError):
     """A text source that cannot be found, read, or is too short."""
+
+
+_MESSAGE_LIMIT = 300  # characters of a library's own message kept in a one-line error
+
+
+def one_line(text: str, limit: int = _MESSAGE_LIMIT) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space), at most
+    ``limit`` characters: the head and the tail are kept, since libraries put the summary
+    first and the specific cause (the bad key, the offending global) last."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    head = limit * 2 // 3
+    return f"{flat[:head]} ... {flat[-(limit - head - 5) :]}"
 
 
 def describe_sources() -> str:
@@ -65,9 +84,41 @@ def _load_named(name: str, split: str) -> str:
         return "\n\n".join(data.select(range(min(len(data), 20000)))["text"])
     except Exception as exc:  # datasets raises many types when offline
         raise DataError(
-            f"cannot load dataset {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"cannot load dataset {name!r} ({one_line(f'{type(exc).__name__}: {exc}')}); "
             "without network access pass a local .txt/.jsonl/.pt file instead"
         ) from None
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a one-line ``DataError`` naming the file and the byte offset of
+    the first byte that is not UTF-8 (a Latin-1 or UTF-16 file), or why it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{str(path)!r} is not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset "
+            f"{exc.start:,} ({exc.reason}); convert it to UTF-8 first (e.g. iconv -t UTF-8)"
+        ) from None
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """The ``text`` field of every non-blank line of a ``.jsonl`` file."""
+    texts = []
+    for number, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            text = None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{number}: not a JSON object with a string 'text' field")
+        texts.append(text)
+    return texts
 
 
 def load_text(source: str, split: str = "train") -> str:
@@ -82,31 +133,60 @@ def load_text(source: str, split: str = "train") -> str:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise DataError(f"directory {source!r} holds no .txt files")
-        return "\n\n".join(f.read_text("utf-8") for f in files)
+        return "\n\n".join(read_utf8(f) for f in files)
+    if path.suffix == ".pt":
+        raise DataError(
+            f"{source!r} holds token ids, not text; this needs a .txt or .jsonl file, a "
+            "directory of .txt files, or a named dataset"
+        )
     if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    message = f"{source}:{number}: not a JSON object with a 'text' field"
-                    raise DataError(message) from None
-        return "\n\n".join(texts)
-    return path.read_text("utf-8")
+        return "\n\n".join(_jsonl_texts(path))
+    return read_utf8(path)
+
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def load_token_tensor(source: str) -> torch.Tensor:
-    """An integer ``[n, seqlen]`` tensor stored with ``torch.save``."""
+    """An integer ``[n, seqlen]`` tensor of token ids stored with ``torch.save``.
+
+    Read with ``weights_only=True``: a pickle that would run code is refused, not run. The
+    tensor must be of rank 2, non-empty, of an integer dtype, and hold no negative ids."""
     try:
         ids = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"cannot read token tensor {source!r}: {exc}") from None
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-        raise DataError(f"{source!r} must hold an integer tensor [n, seqlen]")
-    return ids.long()
+    except Exception as exc:  # a truncated zip, a pickle of code, ...: many types
+        reason = one_line(f"{type(exc).__name__}: {exc}")
+        raise DataError(f"cannot read token tensor {source!r}: {reason}") from None
+    if not isinstance(ids, torch.Tensor):
+        raise DataError(
+            f"{source!r} holds {type(ids).__name__}, not a tensor of token ids [n, seqlen]"
+        )
+    if ids.dtype not in _ID_DTYPES:
+        raise DataError(
+            f"{source!r} holds a {ids.dtype} tensor; token ids must be an integer tensor"
+        )
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise DataError(
+            f"{source!r} holds a tensor of shape {list(ids.shape)}; token ids must be a "
+            "non-empty [n, seqlen] tensor (one row per window)"
+        )
+    ids = ids.long()
+    if int(ids.min()) < 0:
+        raise DataError(f"{source!r} holds the negative token id {int(ids.min())}")
+    return ids
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, source: str) -> None:
+    """``DataError`` when a token id of ``ids`` (from ``source``) is not below ``vocab_size``:
+    the embedding lookup would fail with an index error (or read past the table on a GPU)."""
+    largest = int(ids.max()) if ids.numel() else -1
+    if largest >= vocab_size:
+        where = (ids == largest).nonzero()[0].tolist()
+        raise DataError(
+            f"{source!r}: token id {largest} (window {where[0]}, position {where[1]}) is not "
+            f"below the model's vocabulary size {vocab_size}; were the ids made with another "
+            "tokenizer?"
+        )
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:

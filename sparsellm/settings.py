@@ -23,12 +23,16 @@ class ConfigError(UserError):
 Check = Callable[[Any], bool]
 
 
+# Integers go to torch (seeds, sizes), which takes 64 bits: larger ones fail deep inside.
+INT_LIMIT = 2**63 - 1
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= INT_LIMIT
 
 
 # Each check: (test, what the value must be). ``None`` passes wherever the default is ``None``.
@@ -76,15 +80,58 @@ def declared(schema: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(schema) if "check" in f.metadata]
 
 
+# The type a value has, in the words of a TOML recipe (where wrong types come from).
+_TYPE_NAMES = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "a list"),
+    (dict, "a table"),
+)
+# The Python types each kind of check accepts: a value of another type gets its type named.
+_KIND_TYPES = {"int": (int,), "number": (int, float), "bool": (bool,), "str": (str,)}
+_SHOWN = 60  # characters of a bad value quoted in a message
+
+
+def type_name(value: Any) -> str:
+    """What ``value`` is, as a recipe author would say it ("a string", "a table", ...)."""
+    found = next((name for kind, name in _TYPE_NAMES if isinstance(value, kind)), None)
+    return found or f"a {type(value).__name__}"  # TOML dates and times
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to one short line, for messages."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def _right_type(check: str, value: Any) -> bool:
+    """Whether ``value`` has the Python type the check ``check`` takes (bool is no number)."""
+    kind = flag_kind_of(check)
+    return isinstance(value, _KIND_TYPES[kind]) and (kind == "bool" or not isinstance(value, bool))
+
+
 def check_value(field: dataclasses.Field, value: Any) -> None:
-    """``ConfigError`` naming the setting when ``value`` fails its declared check."""
+    """``ConfigError`` naming the setting, what it must be and what it got (with the value's
+    type when that is the problem: a recipe's ``nsamples = "8"``)."""
     if value is None and field.default is None:
         return
-    test, wanted = CHECKS[field.metadata["check"]]
+    check = field.metadata["check"]
+    test, wanted = CHECKS[check]
     choices = field.metadata["choices"]
-    if not test(value) or (choices and value not in choices):
-        wanted = f"one of {', '.join(choices)}" if choices else wanted
-        raise ConfigError(f"{field.name} must be {wanted}, got {value!r}")
+    if test(value) and (not choices or value in choices):
+        return
+    wanted = f"one of {', '.join(choices)}" if choices else wanted
+    if _integer_too_large(check, value):
+        wanted += f" of at most {INT_LIMIT}"
+    got = shown(value) if _right_type(check, value) else f"{shown(value)} ({type_name(value)})"
+    raise ConfigError(f"{field.name} must be {wanted}, got {got}")
+
+
+def _integer_too_large(check: str, value: Any) -> bool:
+    """An integer setting given a value beyond 64 bits (its message says the limit)."""
+    return check.endswith("int") and isinstance(value, int) and abs(value) > INT_LIMIT
 
 
 def check_settings(values: object) -> None:
@@ -93,10 +140,14 @@ def check_settings(values: object) -> None:
         check_value(field, getattr(values, field.name))
 
 
+def flag_kind_of(check: str) -> str:
+    """``int``, ``number``, ``str`` or ``bool``: the kind of value the check ``check`` takes."""
+    return next((k for k in ("int", "number", "bool") if check.endswith(k)), "str")
+
+
 def flag_kind(field: dataclasses.Field) -> str:
     """``int``, ``number``, ``str`` or ``bool``: how the command line parses the setting."""
-    check = field.metadata["check"]
-    return next((k for k in ("int", "number", "bool") if check.endswith(k)), "str")
+    return flag_kind_of(field.metadata["check"])
 
 
 def add_flag(group: argparse._ActionsContainer, field: dataclasses.Field, help: str) -> None:
