@@ -42,6 +42,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the toolkit's one-line error format (exit code 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever was typed
         self.exit(2, f"sparsellm: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -85,13 +86,18 @@ def run_prune(args: argparse.Namespace) -> int:
         check_source(config.calibration)
     if config.eval:
         check_source(config.eval)
+    from sparsellm.loading import check_checkpoint
+
+    # Pickle refusal and truncated shards before offload_mode opens the checkpoint.
+    check_checkpoint(config.model, config.allow_pickle)
     # Where the blocks wait: decided from the source's files alone, before any of it is read.
     offload = offload_mode(config.offload, config.model) == "disk"
     if offload and config.save_format != "dense":
         raise UserError(f"--offload disk writes the dense format only, not {config.save_format!r}")
     from sparsellm.preflight import check_prune_inputs
 
-    check_prune_inputs(config)  # calibration length and positions, before the model loads
+    # Model source, output, windows within positions and vocabulary, before the model loads.
+    check_prune_inputs(config)
     _remove_stale(config.output)
     session = _PruneSession(config, progress=not args.quiet, offload=offload)
     report = session.run(started)
@@ -122,6 +128,7 @@ class _PruneSession:
         self.progress = progress and self.main_rank
         self.offload = offload
         self.offloaded = None
+        self.record = None  # the --resume record (sparsellm.resume), opened before loading
 
     def run(self, started: float):
         try:
@@ -132,16 +139,27 @@ class _PruneSession:
 
     def _run(self, started: float):
         from sparsellm.api import prune
+        from sparsellm.resume import open_record
 
         config = self.config
+        # Before loading: a record that cannot be resumed is refused in seconds.
+        self.record = open_record(config, self.offload, self.device)
         self._load()
         loaded = time.perf_counter()
         eval_windows = self._eval_windows()
         perplexity = {"dense": self._score(eval_windows, "dense")} if config.eval else {}
         store = None
         if self.offloaded is not None:  # only rank 0 writes; the other ranks drop blocks
-            store = self.offloaded.pruning_store(config.output if self.main_rank else None)
-        report = prune(self.model, self.tokenizer, config, progress=self.progress, store=store)
+            output = config.output if self.main_rank else None
+            store = self.offloaded.pruning_store(output, self.record)
+        report = prune(
+            self.model,
+            self.tokenizer,
+            config,
+            progress=self.progress,
+            store=store,
+            record=self.record,
+        )
         report.model = config.model
         report.timings["load"] = loaded - started
         if config.eval:
@@ -161,31 +179,44 @@ class _PruneSession:
             from sparsellm.loading import load_model_and_tokenizer
 
             self.model, self.tokenizer = load_model_and_tokenizer(
-                config.model, config.dtype, self.device
+                config.model,
+                config.dtype,
+                self.device,
+                allow_pickle=config.allow_pickle,
+                trust_remote_code=config.trust_remote_code,
             )
 
     def write(self, report) -> object:
-        """Write the pruned model and its report (rank 0); the output directory."""
+        """Write the pruned model and its report (rank 0); the output directory. The resume
+        record is removed once the output is in place (kept if writing fails)."""
         try:
-            if self.offloaded is not None:
-                return self.offloaded.finish({REPORT: report})
-            from sparsellm.saving import save_model
-
-            config = self.config
-            return save_model(
-                self.model,
-                self.tokenizer,
-                config.output,
-                save_format=config.save_format,
-                reports={REPORT: report},
-            )
+            output = self._save(report)
         except BaseException:
             self.discard()
             raise
+        if self.record is not None:
+            self.record.remove()
+        return output
+
+    def _save(self, report) -> object:
+        if self.offloaded is not None:
+            return self.offloaded.finish({REPORT: report})
+        from sparsellm.saving import save_model
+
+        config = self.config
+        return save_model(
+            self.model,
+            self.tokenizer,
+            config.output,
+            save_format=config.save_format,
+            reports={REPORT: report},
+        )
 
     def discard(self) -> None:
         if self.offloaded is not None:
             self.offloaded.discard()
+        if self.record is not None:  # kept for --resume; only its lock is let go
+            self.record.release()
 
     def _eval_windows(self):
         if not self.config.eval:
@@ -235,17 +266,24 @@ def run_eval(args: argparse.Namespace) -> int:
     from sparsellm.api import default_device, evaluate_perplexity
     from sparsellm.distributed import init_from_environment, is_main
     from sparsellm.loading import load_model_and_tokenizer
+    from sparsellm.preflight import check_eval_inputs
 
     config = eval_config(_settings(args, EvalConfig))
     check_source(config.dataset)
+    windows = check_eval_inputs(config)  # read and checked before the model loads
     device = init_from_environment(default_device(config.device))
-    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
+    model, tokenizer = load_model_and_tokenizer(
+        config.model,
+        config.dtype,
+        device,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+    )
     ppl = evaluate_perplexity(
         model,
         tokenizer,
-        config.dataset,
+        windows,
         seqlen=config.seqlen,
-        max_windows=config.max_windows,
         batch_size=config.batch_size,
         device=device,
         progress=not args.quiet and is_main(),
@@ -281,10 +319,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_source(config.data)
     if config.eval:
         check_source(config.eval)
+    from sparsellm.preflight import check_finetune_inputs
+
+    # Model source, output and the windows (made here), before the model loads.
+    train, held_out = check_finetune_inputs(config, _finetune_windows)
     device = default_device(config.device)
     _remove_stale(config.output)
-    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, device)
-    train, held_out = _finetune_windows(config, tokenizer)
+    model, tokenizer = load_model_and_tokenizer(
+        config.model,
+        config.dtype,
+        device,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+    )
     result = finetune_from_config(
         model, train, config, eval_windows=held_out, device=device, progress=not args.quiet
     )
@@ -305,7 +352,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from sparsellm.preflight import load_config
 
     config = plan_config(_settings(args, PlanConfig))
-    model_config = load_config(config.model)
+    model_config = load_config(config.model, config.trust_remote_code)
     work = Workload(config.method, config.nsamples, config.seqlen, config.epochs, config.batch_size)
     plan = make_plan(model_config, work, config.dtype, config.device_memory, config.ranks)
     print(dumps(plan) if config.json else format_plan(plan, config.model))

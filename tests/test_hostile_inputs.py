@@ -835,11 +835,6 @@ def test_prune_either_runs_or_fails_in_one_line(capsys, tmp_path, model_dir, inv
         assert not output.exists()
 
 
-@pytest.mark.xfail(
-    reason="argparse's 'unrecognized arguments' echoes the argument raw; _Parser.error in "
-    "cli.py would have to escape newlines",
-    strict=False,
-)
 def test_an_unrecognised_argument_with_a_newline_is_one_line(capsys):
     code, _, err = run_cli(capsys, "prune", "--quiet", "a\nb")
     one_error_line(code, err, "unrecognized arguments")
