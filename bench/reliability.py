@@ -299,14 +299,14 @@ def _(ws):
     return judged(run, 143, [p.name for p in output.iterdir()] == ["keep.txt"])
 
 
-@case("kill -9 while pruning, then run again")
+@case("kill -9 while pruning, then run again (--resume)")
 def _(ws):
     output = ws.fresh("kill9") / "out"
     args = [a for a in prune_args(ws.llama, output, method="sparsellm") if a != "--quiet"]
     killed = sparsellm(*args, stop=(signal.SIGKILL, "pruning"))
     empty = not output.exists()
-    run = sparsellm(*prune_args(ws.llama, output, method="sparsellm"))
-    left = [p for p in output.parent.iterdir() if p.name.startswith(".out.staging-")]
+    run = sparsellm(*prune_args(ws.llama, output, "--resume", method="sparsellm"))
+    left = [p for p in output.parent.iterdir() if p.name.startswith(".out.")]
     intact = empty and killed.code == -signal.SIGKILL and (output / "config.json").is_file()
     return judged(run, 0, intact and not left, f"killed: exit {killed.code}; rerun cleaned up")
 
@@ -523,6 +523,62 @@ def _(ws):
     argv = _prune_with(ws.llama)
     argv[argv.index("--sparsity") + 1] = "1.5"
     return _bad_input(ws, "sparsity", *argv)
+
+
+@case("--resume with other settings than the record's")
+def _(ws):
+    output = ws.fresh("resume-mismatch") / "out"
+    args = [a for a in prune_args(ws.llama, output, method="sparsellm") if a != "--quiet"]
+    sparsellm(*args, stop=(signal.SIGKILL, "2/4"))
+    run = sparsellm(*prune_args(ws.llama, output, "--resume", "--seed", 1, method="sparsellm"))
+    return judged(run, 2, not output.exists())
+
+
+@case("kill -9 while saving")
+def _(ws):
+    output = ws.fresh("kill9-save") / "out"
+    run = python(f"""
+        import os, signal, sys
+        from sparsellm import saving
+        from sparsellm.cli import main
+        def writer(model, tokenizer, directory):
+            (directory / "model.safetensors").write_bytes(b"0" * 4096)
+            os.kill(os.getpid(), signal.SIGKILL)
+        saving.FORMATS["dense"] = writer
+        sys.exit(main({[str(a) for a in prune_args(ws.llama, output)]!r}))
+    """)
+    return Verdict(f"exit {run.code}", run.code == -signal.SIGKILL, not output.exists())
+
+
+@case("Ctrl-C while the model loads")
+def _(ws):
+    output = ws.fresh("sigint-load") / "out"
+    args = [a for a in prune_args(ws.llama, output) if a != "--quiet"]
+    run = sparsellm(*args, "--eval", TEXT, stop=(signal.SIGINT, "dense perplexity"))
+    return judged(run, 130, nothing_at(output))
+
+
+@case("finetune into an unwritable output")
+def _(ws):
+    return _bad_input(
+        ws,
+        "finetune",
+        "finetune",
+        "--model",
+        ws.llama,
+        "--output",
+        "/proc/sparsellm-finetune",
+        "--data",
+        TEXT,
+        "--quiet",
+    )
+
+
+@case("bad --skip regex, bad --pattern")
+def _(ws):
+    first = _bad_input(ws, "skip", *_prune_with(ws.llama, "--skip", "layers.(0"))
+    second = _bad_input(ws, "pattern", *_prune_with(ws.llama, "--pattern", "5:4"))
+    return second if first.handled and first.intact else first
 
 
 def main() -> int:

@@ -266,16 +266,17 @@ def stream_blocks(
     blocks = adapter.blocks()
     rest = blocks[start:]
     bar = tqdm(rest, desc, len(blocks), disable=not progress, unit="block", initial=start)
-    for index, block in enumerate(bar, start):
-        store.fetch(index, block, device)
-        try:
-            yield index, block, bar
-        except BaseException:
-            store.release(index, block, completed=False)
-            raise
-        store.release(index, block, completed=True)
-        if released is not None:
-            released(index, block)
+    with bar:  # closed when the caller stops early, so a message after it gets its own line
+        for index, block in enumerate(bar, start):
+            store.fetch(index, block, device)
+            try:
+                yield index, block, bar
+            except BaseException:
+                store.release(index, block, completed=False)
+                raise
+            store.release(index, block, completed=True)
+            if released is not None:
+                released(index, block)
 
 
 def _prunable(
@@ -330,18 +331,20 @@ def prune_blocks(
     on_release = released if record is not None else None
     store, progress = options.store, options.progress
     blocks = stream_blocks(adapter, options.device, desc, progress, store, start, on_release)
-    for index, block, bar in blocks:
-        layers = _prunable(adapter, block, index, skip)
-        job = BlockJob(index, block, layers, inputs, adapter, target, options)
-        result = prune_guarded(job, prune_block, fallback, previous_error)
-        report.add_block(index, result)
-        if record is not None:
-            finished[index] = block_entry(index, result)
-        previous_error = result.output_error or previous_error
-        if inputs is not None and index < last:
-            inputs.hidden = result.outputs if result.outputs is not None else job.forward()
-        result.outputs = result.dense_outputs = None
-        del result, job
-        return_freed_memory()  # else the heap's fragments make the resident size creep
-        if options.progress:
-            bar.set_postfix(report.block_postfix())
+    # closing(): on an exception the generator releases its block and bar at once
+    with contextlib.closing(blocks):
+        for index, block, bar in blocks:
+            layers = _prunable(adapter, block, index, skip)
+            job = BlockJob(index, block, layers, inputs, adapter, target, options)
+            result = prune_guarded(job, prune_block, fallback, previous_error)
+            report.add_block(index, result)
+            if record is not None:
+                finished[index] = block_entry(index, result)
+            previous_error = result.output_error or previous_error
+            if inputs is not None and index < last:
+                inputs.hidden = result.outputs if result.outputs is not None else job.forward()
+            result.outputs = result.dense_outputs = None
+            del result, job
+            return_freed_memory()  # else the heap's fragments make the resident size creep
+            if options.progress:
+                bar.set_postfix(report.block_postfix())

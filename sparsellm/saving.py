@@ -139,6 +139,7 @@ class StagedOutput:
         put the directory in place of ``output``, replacing it whole."""
         for name, report in (reports or {}).items():
             _write_report(self.path / name, report)
+        _follow_umask(self.path)
         _replace(self.path, self.output)
         return self.output
 
@@ -151,6 +152,15 @@ class StagedOutput:
     def __exit__(self, kind: type | None, *_: object) -> None:
         if kind is not None:
             self.discard()
+
+
+def _follow_umask(directory: Path) -> None:
+    """Give everything under ``directory`` the modes ``open`` / ``mkdir`` would under the
+    umask: some writers (``save_pretrained``'s safetensors files) create theirs private."""
+    mask = _umask()
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:
