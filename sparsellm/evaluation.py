@@ -24,14 +24,36 @@ from sparsellm.distributed import all_reduce_sum_, shard, world
 if TYPE_CHECKING:
     from sparsellm.engine import BlockStore
 
-LOGITS_BUDGET_BYTES = 512 * 2**20
+LOGITS_BUDGET_BYTES = 256 * 2**20  # the model's logits of one batch
+LOSS_CHUNK_BYTES = 32 * 2**20  # float32 logits the loss works on at once
 
 
 def logits_batch_limit(model: torch.nn.Module, seqlen: int) -> int:
     """Windows per batch whose float32 logits fit the budget: with a 50k-token vocabulary the
     logits, not the model, dominate peak memory."""
     vocab = getattr(model.config, "vocab_size", None) or 1
-    return max(1, LOGITS_BUDGET_BYTES // (seqlen * vocab * 4 * 2))
+    return max(1, LOGITS_BUDGET_BYTES // (seqlen * vocab * 4))
+
+
+def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood of ``ids`` [b, seqlen] under ``logits`` [b, seqlen,
+    vocab], summed in float64 on the host.
+
+    Positions go through the loss a few hundred at a time, so no float32 copy of the logits
+    and no log-softmax of the whole batch exists at once (at a 128k vocabulary each would be
+    as large as the logits); per-position losses are summed in float64, so the figure does
+    not depend on how windows were batched."""
+    labels = ids[:, 1:]
+    rows = max(1, LOSS_CHUNK_BYTES // (logits.shape[-1] * 4))
+    losses = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    for window in range(labels.shape[0]):
+        for start in range(0, labels.shape[1], rows):
+            end = min(start + rows, labels.shape[1])
+            losses[window, start:end] = F.cross_entropy(
+                logits[window, start:end].float(), labels[window, start:end], reduction="none"
+            )
+    # float64 on the host: not every accelerator has it
+    return losses.cpu().double().sum()
 
 
 def on_device(model: nn.Module, device: torch.device) -> bool:
@@ -94,14 +116,9 @@ def windows_nll(
         # closing(): on an error mid-way the streamed path must put the real blocks back now
         with contextlib.closing(logits_batches):
             for ids, logits in logits_batches:
-                labels = ids[:, 1:]
-                nll = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    labels.reshape(-1),
-                    reduction="sum",
-                )
-                total += nll.double().cpu()
-                count += labels.numel()
+                total += summed_nll(logits, ids)
+                del logits  # before the next batch's are made
+                count += ids[:, 1:].numel()
     finally:
         model.train(was_training)
     if across_ranks and world()[1] > 1:

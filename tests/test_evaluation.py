@@ -87,3 +87,22 @@ def test_an_error_mid_stream_puts_the_real_blocks_back(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         windows_nll(model, random_windows(2), batch_size=2, progress=False, streamed=True)
     assert get_adapter(model).blocks() is blocks
+
+
+def test_summed_nll_streams_positions_and_matches_the_plain_loss(monkeypatch):
+    from sparsellm import evaluation
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, 1000) * 4
+    ids = torch.randint(0, 1000, (3, 40))
+    reference = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 1000).double(), ids[:, 1:].reshape(-1), reduction="sum"
+    )
+    monkeypatch.setattr(evaluation, "LOSS_CHUNK_BYTES", 7 * 1000 * 4)  # 7 positions a chunk
+    chunked = evaluation.summed_nll(logits, ids)
+    assert chunked.dtype == torch.float64
+    assert abs(float(chunked) - float(reference)) <= 1e-6 * float(reference)
+    one_by_one = sum(
+        float(evaluation.summed_nll(logits[i : i + 1], ids[i : i + 1])) for i in range(3)
+    )
+    assert abs(one_by_one - float(chunked)) <= 1e-12 * float(chunked)  # batching does not matter
