@@ -97,7 +97,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from sparsellm.preflight import check_prune_inputs
 
     # Model source, output, windows within positions and vocabulary, before the model loads.
-    check_prune_inputs(config)
+    check_prune_inputs(config, offload)
     _remove_stale(config.output)
     session = _PruneSession(config, progress=not args.quiet, offload=offload)
     report = session.run(started)

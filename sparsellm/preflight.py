@@ -194,7 +194,27 @@ def weight_bytes(config: object, dtype: str, device: str | None, spec: str) -> i
     return params * weight.itemsize
 
 
-def check_free_disk(output: str, needed: int | None) -> None:
+def record_bytes(config: object, prune: PruneConfig, offload: bool) -> int:
+    """Disk the resume record (:mod:`sparsellm.resume`) adds beside the output at its peak:
+    the pruned blocks' weights (in memory; offloaded, the output shards are the record) and
+    two generations of one rank's activations while a block is committed."""
+    from sparsellm.pruners import get_method
+    from sparsellm.shapes import config_sizes
+
+    try:
+        sizes = config_sizes(config)
+    except UserError:
+        return 0
+    itemsize = (weight_bytes(config, prune.dtype, prune.device, prune.model) or 0) // max(
+        1, sizes.layers * sizes.block_params + sizes.other_params
+    )
+    blocks = 0 if offload else sizes.layers * sizes.block_params * itemsize
+    calibrated = get_method(prune.method).needs_calibration
+    activations = prune.nsamples * prune.seqlen * sizes.hidden * itemsize if calibrated else 0
+    return blocks + 2 * activations
+
+
+def check_free_disk(output: str, needed: int | None, what: str = "the model") -> None:
     """``ConfigError`` when the file system the output goes to has fewer than ``needed``
     bytes free (the save would fail with a full disk after the whole run)."""
     if needed is None:
@@ -203,7 +223,7 @@ def check_free_disk(output: str, needed: int | None) -> None:
     free = shutil.disk_usage(ancestor).free
     if needed > free:
         raise ConfigError(
-            f"output {output!r} needs about {_size(needed)} for the model but "
+            f"output {output!r} needs about {_size(needed)} for {what} but "
             f"{str(ancestor)!r} has {_size(free)} free; free some space or choose another "
             "--output"
         )
@@ -218,7 +238,7 @@ def check_output(output: str, config: object, dtype: str, device: str | None, sp
 # ---------------------------------------------------------------------------- subcommands
 
 
-def check_prune_inputs(config: PruneConfig) -> None:
+def check_prune_inputs(config: PruneConfig, offload: bool = False) -> None:
     """Before the model loads: the model source, the output, every window within the model's
     positions and vocabulary, and the calibration text holding ``nsamples x seqlen`` tokens
     (token tensors are used as they are). Raises the one-line ``UserError`` the run would
@@ -234,7 +254,11 @@ def check_prune_inputs(config: PruneConfig) -> None:
         check_length("seqlen", config.seqlen, model_config)
     if config.eval and not config.eval.endswith(".pt"):
         check_length("eval_seqlen", eval_seqlen, model_config)
-    check_output(config.output, model_config, config.dtype, config.device, config.model)
+    check_output_location(config.output)
+    weights = weight_bytes(model_config, config.dtype, config.device, config.model)
+    if weights is not None:
+        needed = weights + record_bytes(model_config, config, offload)
+        check_free_disk(config.output, needed, "the model and its resume record")
     tokenizer = None
     if text_calibration or (config.eval and _is_local_text(config.eval)):
         tokenizer = load_tokenizer(config.model, config.trust_remote_code)

@@ -686,8 +686,30 @@ def test_too_little_free_disk_is_one_line_with_the_sizes(
     needed = float(line.split("needs about ")[1].split(" KiB")[0])
     # float32 weights of the tiny LLaMA: the safetensors file less its header
     weights = (model_dir / "model.safetensors").stat().st_size
+    if command == "prune":  # and the resume record: the blocks' weights, 2 x the activations
+        weights += 2 * block_params(model_dir) * 4 + 2 * (2 * 32 * 64 * 4)  # 2 blocks; 2 x 32
     assert needed * 1024 == pytest.approx(weights, rel=0.01)
     assert not output.exists()
+
+
+def block_params(model_dir: Path) -> int:
+    """Parameters of one block of the ``model_dir`` fixture (the tiny LLaMA)."""
+    return sum(p.numel() for p in tiny_model("llama").model.layers[0].parameters())
+
+
+def test_the_resume_record_is_counted_only_where_it_holds_weights(model_dir):
+    from sparsellm.config import prune_config
+    from sparsellm.preflight import load_config, record_bytes
+
+    config = load_config(str(model_dir))
+    prune = prune_config({"model": str(model_dir), "nsamples": 2, "seqlen": 32}, require_io=False)
+    activations = 2 * (2 * 32 * 64 * 4)
+    assert record_bytes(config, prune, offload=True) == activations
+    assert (
+        record_bytes(config, prune, offload=False) == activations + 2 * block_params(model_dir) * 4
+    )
+    data_free = prune_config({"model": str(model_dir), "method": "magnitude"}, require_io=False)
+    assert record_bytes(config, data_free, offload=True) == 0
 
 
 def test_the_disk_estimate_follows_the_dtype(model_dir):
