@@ -173,7 +173,9 @@ class _PruneSession:
         if self.offload:
             from sparsellm.offload import OffloadedModel
 
-            self.offloaded = OffloadedModel(config.model, config.dtype, self.device)
+            self.offloaded = OffloadedModel(
+                config.model, config.dtype, self.device, config.trust_remote_code
+            )
             self.model, self.tokenizer = self.offloaded.model, self.offloaded.tokenizer
         else:
             from sparsellm.loading import load_model_and_tokenizer

@@ -143,14 +143,20 @@ def resolve_offload_dtype(name: str, config: object, device: torch.device) -> to
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
-def build_skeleton(directory: Path, dtype: str, device: torch.device) -> nn.Module:
-    """The causal LM of ``directory``'s config with its parameters on ``meta``."""
+def build_skeleton(
+    directory: Path, dtype: str, device: torch.device, trust_remote_code: bool = False
+) -> nn.Module:
+    """The causal LM of ``directory``'s config with its parameters on ``meta`` (its own code
+    runs only with ``trust_remote_code``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    config = AutoConfig.from_pretrained(directory)
+    from sparsellm.loading import pretrained
+
+    trust = {"trust_remote_code": trust_remote_code}
+    config = pretrained(AutoConfig, str(directory), "config", **trust)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(
-            config, dtype=resolve_offload_dtype(dtype, config, device)
+            config, dtype=resolve_offload_dtype(dtype, config, device), **trust
         )
     with contextlib.suppress(OSError):  # a checkpoint without generation_config.json
         model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -400,7 +406,11 @@ class OffloadedModel:
     and ``device`` choose the weights' dtype as the in-memory loader does."""
 
     def __init__(
-        self, directory: str | Path, dtype: str = "auto", device: torch.device | None = None
+        self,
+        directory: str | Path,
+        dtype: str = "auto",
+        device: torch.device | None = None,
+        trust_remote_code: bool = False,
     ):
         from sparsellm.models import get_adapter
 
@@ -408,10 +418,11 @@ class OffloadedModel:
         if checkpoint is None:
             raise OffloadError(f"{str(directory)!r} is not a directory of safetensors shards")
         self.checkpoint = checkpoint
-        self.model = build_skeleton(checkpoint.directory, dtype, device or torch.device("cpu"))
+        device = device or torch.device("cpu")
+        self.model = build_skeleton(checkpoint.directory, dtype, device, trust_remote_code)
         self.names = match_names(self.model, checkpoint)
         self.adapter = get_adapter(self.model)
-        self.tokenizer = _tokenizer(checkpoint.directory)
+        self.tokenizer = _tokenizer(checkpoint.directory, trust_remote_code)
         self.writer: ShardWriter | None = None
         # Everything outside the blocks is needed by capture and evaluation: load it now.
         owners = _owners(self.model)
@@ -460,13 +471,11 @@ class OffloadedModel:
             self.writer.discard()
 
 
-def _tokenizer(directory: Path) -> object:
+def _tokenizer(directory: Path, trust_remote_code: bool = False) -> object:
     from transformers import AutoTokenizer
 
-    from sparsellm.loading import ModelLoadError
+    from sparsellm.loading import pretrained
 
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load the tokenizer of {str(directory)!r}: {reason}") from None
+    return pretrained(
+        AutoTokenizer, str(directory), "tokenizer", trust_remote_code=trust_remote_code
+    )
