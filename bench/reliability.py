@@ -74,6 +74,8 @@ def sparsellm(*argv: object, env: dict | None = None, stop: tuple | None = None)
     seen = ""
     while after not in seen and proc.poll() is None:
         seen += proc.stderr.read(1)
+    if after not in seen:
+        raise RuntimeError(f"the run ended before printing {after!r}: cannot stop it there")
     proc.send_signal(signum)
     seen += proc.stderr.read()
     proc.wait(timeout=600)
@@ -550,11 +552,11 @@ def _(ws):
     return Verdict(f"exit {run.code}", run.code == -signal.SIGKILL, not output.exists())
 
 
-@case("Ctrl-C while the model loads")
+@case("Ctrl-C during the dense evaluation (--eval)")
 def _(ws):
     output = ws.fresh("sigint-load") / "out"
     args = [a for a in prune_args(ws.llama, output) if a != "--quiet"]
-    run = sparsellm(*args, "--eval", TEXT, stop=(signal.SIGINT, "dense perplexity"))
+    run = sparsellm(*args, "--eval", TEXT, stop=(signal.SIGINT, "perplexity"))
     return judged(run, 130, nothing_at(output))
 
 

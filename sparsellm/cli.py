@@ -191,8 +191,18 @@ class _PruneSession:
     def write(self, report) -> object:
         """Write the pruned model and its report (rank 0); the output directory. The resume
         record is removed once the output is in place (kept if writing fails)."""
+        from sparsellm.saving import OutputError
+
         try:
             output = self._save(report)
+        except OutputError as exc:
+            self.discard()
+            if self.record is None:
+                raise
+            raise OutputError(
+                f"{exc}; every pruned block is kept in {self.record.directory}: make room and "
+                "rerun with --resume to write them without pruning again"
+            ) from None
         except BaseException:
             self.discard()
             raise

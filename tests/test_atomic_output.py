@@ -56,7 +56,13 @@ def test_disk_full_while_saving_leaves_nothing(capsys, monkeypatch, tmp_path, mo
     code, _, err = run_cli(capsys, *_prune_args(model_dir, output, text))
     assert code == 2
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+    assert "rerun with --resume" in err
     assert not output.exists() and _leftovers(tmp_path, output) == []
+    monkeypatch.undo()  # room again: the rerun only has to write what the record holds
+    code, _, err = run_cli(capsys, *_prune_args(model_dir, output, text), "--resume")
+    assert code == 0, err
+    assert "resuming at block 2 of 2" in err
+    assert (output / "model.safetensors").is_file() and not list(tmp_path.glob(".out.*"))
 
 
 def test_failed_overwrite_keeps_the_old_output(capsys, monkeypatch, tmp_path, model_dir):
