@@ -256,19 +256,25 @@ def _(ws):
     return judged(run, 2, [p.name for p in output.iterdir()] == ["keep.txt"])
 
 
-@case("disk full while saving")
-def _(ws):
-    output = ws.fresh("enospc") / "out"
-    run = python(f"""
-        import errno, os, sys
+def _saving_fails(ws: Workspace, output: Path, failure: str) -> Run:
+    """Prune into ``output`` with a writer that writes part of the model, then runs the
+    Python statement ``failure`` (raise, kill)."""
+    return python(f"""
+        import errno, os, signal, sys
         from sparsellm import saving
         from sparsellm.cli import main
         def writer(model, tokenizer, directory):
             (directory / "model.safetensors").write_bytes(b"0" * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            {failure}
         saving.FORMATS["dense"] = writer
         sys.exit(main({[str(a) for a in prune_args(ws.llama, output)]!r}))
     """)
+
+
+@case("disk full while saving")
+def _(ws):
+    output = ws.fresh("enospc") / "out"
+    run = _saving_fails(ws, output, "raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))")
     return judged(run, 2, nothing_at(output))
 
 
@@ -539,16 +545,7 @@ def _(ws):
 @case("kill -9 while saving")
 def _(ws):
     output = ws.fresh("kill9-save") / "out"
-    run = python(f"""
-        import os, signal, sys
-        from sparsellm import saving
-        from sparsellm.cli import main
-        def writer(model, tokenizer, directory):
-            (directory / "model.safetensors").write_bytes(b"0" * 4096)
-            os.kill(os.getpid(), signal.SIGKILL)
-        saving.FORMATS["dense"] = writer
-        sys.exit(main({[str(a) for a in prune_args(ws.llama, output)]!r}))
-    """)
+    run = _saving_fails(ws, output, "os.kill(os.getpid(), signal.SIGKILL)")
     return Verdict(f"exit {run.code}", run.code == -signal.SIGKILL, not output.exists())
 
 
