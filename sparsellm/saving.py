@@ -198,3 +198,8 @@ def output_errors(output: str | Path) -> Iterator[None]:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise OutputError(f"cannot write {str(output)!r}: {reason}; nothing was written") from None
+
+
+# Formats defined in their own modules register themselves when imported; importing them here
+# makes FORMATS complete wherever it is read (config.py builds --save-format's choices from it).
+from sparsellm import compressed  # noqa: E402, F401
