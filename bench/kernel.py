@@ -2,13 +2,14 @@
 
     python bench/kernel.py [--rows 11008 --cols 4096] [--threads 2] [--repeats 20]
         [--sparsity 0.5,0.6,0.7,0.8,0.9,2:4] [--dtypes float32,bfloat16] [--tokens 1]
-        [--index auto] [--json]
+        [--index auto] [--path auto] [--json]
 
 For each sparsity (random unstructured masks; ``2:4`` keeps the 2 largest of every 4) and
 dtype: the time of ``SparseLinear`` and of ``torch.nn.functional.linear`` on the same weights,
-interleaved, best of ``--repeats``, and their ratio. ``--tokens 1,8,32,512`` measures batches
-(the crossover to the tile path). The machine must be quiet: the share of CPU time other
-processes took during each measurement is printed (``busy``); re-run when it is not ~0.
+interleaved, best of ``--repeats``, and their ratio. ``--tokens 1,8,32,512`` measures batches;
+``--path kernel`` / ``tiles`` forces the batched kernel / the tile path (their crossover is
+``sparsellm.sparse.linear.TOKEN_LIMITS``). The machine must be quiet: the share of CPU time
+other processes took during each measurement is printed (``busy``); re-run unless it is ~0.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def measure(args: argparse.Namespace, sparsity: str, dtype: torch.dtype, tokens:
     w = weight(args.rows, args.cols, sparsity).to(dtype)
     pattern = "2:4" if sparsity == "2:4" else "unstructured"
     sparse = SparseLinear.from_dense(w, index=args.index, pattern=pattern)
+    sparse.kernel_tokens = {"auto": None, "kernel": tokens, "tiles": 0}[args.path]
     x = torch.randn(tokens, args.cols).to(dtype)
     with torch.inference_mode():
         runs = {
@@ -103,7 +105,10 @@ def main() -> None:
     parser.add_argument("--sparsity", default="0.5,0.6,0.7,0.8,0.9,2:4")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--tokens", default="1")
-    parser.add_argument("--index", default="auto", choices=("auto", "u8", "u16"))
+    parser.add_argument("--index", default="auto", choices=("auto", "bitmask", "u8", "u16"))
+    parser.add_argument(
+        "--path", default="auto", choices=("auto", "kernel", "tiles"), help="for several tokens"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     reason = kernel_unavailable()

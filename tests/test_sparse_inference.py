@@ -73,7 +73,15 @@ def packed_by_hand(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 # ----------------------------------------------------------------------------- the kernels
 
 
-CASES = [("0.5", "u8"), ("0.7", "u8"), ("0.9", "u8"), ("0.7", "u16"), ("0.9", "u16")]
+CASES = [
+    ("0.5", "bitmask"),
+    ("0.7", "bitmask"),
+    ("0.9", "bitmask"),
+    ("0.7", "u8"),
+    ("0.9", "u8"),
+    ("0.7", "u16"),
+    ("0.9", "u16"),
+]
 
 
 @needs_kernel
@@ -99,11 +107,13 @@ def test_nm24_matches_dense_float32(tokens):
 
 
 @needs_kernel
-@pytest.mark.parametrize("sparsity", ["0.7", "2:4"])
+@pytest.mark.parametrize(
+    ("sparsity", "index"), [("0.7", "bitmask"), ("0.9", "u16"), ("2:4", "auto")]
+)
 @pytest.mark.parametrize("tokens", [1, 8])
-def test_bfloat16_values_match_a_float32_reference(sparsity, tokens):
+def test_bfloat16_values_match_a_float32_reference(sparsity, index, tokens):
     w = sparse_weight(33, 520, sparsity).bfloat16()
-    module = SparseLinear.from_dense(w)
+    module = SparseLinear.from_dense(w, index=index)
     assert module.values.dtype == torch.bfloat16
     x = torch.randn(tokens, 520).bfloat16()
     y = module(x)
@@ -113,11 +123,13 @@ def test_bfloat16_values_match_a_float32_reference(sparsity, tokens):
 
 
 @needs_kernel
-@pytest.mark.parametrize("sparsity", ["0.7", "2:4"])
-def test_many_tokens_take_the_tile_path_and_match(sparsity):
+@pytest.mark.parametrize(
+    ("sparsity", "index"), [("0.7", "bitmask"), ("0.7", "u8"), ("2:4", "auto")]
+)
+def test_many_tokens_take_the_tile_path_and_match(sparsity, index):
     w = sparse_weight(40, 264, sparsity)
-    module = SparseLinear.from_dense(w)
-    tokens = kernel_token_limit(module.density) + 5
+    module = SparseLinear.from_dense(w, index=index)
+    tokens = kernel_token_limit(module.kind, module.density) + 5
     x = torch.randn(tokens, 264)
     assert_matches(module(x), x, w, 1e-5)
 
@@ -137,12 +149,16 @@ def test_pruned_layers_of_a_model_match_their_dense_layers():
 # ----------------------------------------------------------------------------- constructors
 
 
-def test_from_packed_builds_what_from_dense_builds():
+@pytest.mark.parametrize("index", ["bitmask", "u8", "u16"])
+def test_from_packed_builds_what_from_dense_builds(index):
     w = sparse_weight(21, 300, "0.7")
-    dense_built = SparseLinear.from_dense(w, index="u8")
-    packed_built = SparseLinear.from_packed(*packed_by_hand(w), torch.tensor([21, 300]), index="u8")
-    for name in ("values", "cols", "counts", "row_ptr"):
-        assert torch.equal(getattr(dense_built, name), getattr(packed_built, name)), name
+    dense_built = SparseLinear.from_dense(w, index=index)
+    packed_built = SparseLinear.from_packed(
+        *packed_by_hand(w), torch.tensor([21, 300]), index=index
+    )
+    assert packed_built.index == index
+    for name, buffer in dense_built.named_buffers():
+        assert torch.equal(buffer, getattr(packed_built, name)), name
     assert torch.equal(packed_built.to_dense(), w)
 
 
@@ -159,7 +175,8 @@ def test_from_nm_reads_packed_positions():
     assert torch.equal(module.to_dense(), w)
 
 
-def test_other_nm_patterns_become_the_blocked_layout():
+@pytest.mark.parametrize("index", ["bitmask", "u8"])
+def test_other_nm_patterns_become_an_unstructured_layout(index):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(5, 32, generator=g)
     groups = w.view(5, 4, 8)
@@ -167,8 +184,9 @@ def test_other_nm_patterns_become_the_blocked_layout():
     w = torch.zeros_like(groups).scatter_(-1, place, groups.gather(-1, place)).view(5, 32)
     slots = place.reshape(5, 8, 2).to(torch.uint8)
     indices = slots[..., 0] | (slots[..., 1] << 4)
-    module = SparseLinear.from_nm(groups.gather(-1, place).reshape(5, 16), indices, (4, 8), (5, 32))
-    assert module.kind == "blocked"
+    values = groups.gather(-1, place).reshape(5, 16)
+    module = SparseLinear.from_nm(values, indices, (4, 8), (5, 32), index=index)
+    assert module.index == index
     assert torch.equal(module.to_dense(), w)
 
 

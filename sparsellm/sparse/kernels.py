@@ -13,8 +13,8 @@ Values are float32, or bfloat16 seen as int16 and widened here (a bfloat16 is th
 of a float32); sums are float32. One token (decode) is bound by memory bandwidth, so the
 layouts spend as few bytes per weight as the arithmetic allows and each thread streams its
 own rows (``parts``: row ranges holding equal numbers of non-zeros). Batched kernels take the
-tokens as tiles of :data:`LANES`, transposed (``xt`` [tiles * cols, LANES]) so that one weight
-meets a tile's tokens in one vector.
+tokens as tiles of 8 (``vector.LANES``), transposed (``xt`` [tiles * cols, 8]) so that one
+weight meets a tile's tokens in one vector. The inner loops are LLVM IR (``vector.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-LANES = 8  # tokens per tile of the batched kernels (one AVX2 / two NEON float32 vectors)
+from sparsellm.sparse.vector import (
+    bitmask_row_dot,
+    bitmask_row_tile,
+    blocked_row_dot,
+    blocked_row_tile,
+    nm24_row_dot,
+    nm24_row_tile,
+)
 
 # Reassociation lets LLVM vectorise the sums; no nnan/ninf, so NaN and Inf inputs propagate.
 _FLAGS = {"reassoc", "contract", "nsz"}
@@ -51,106 +58,87 @@ def widen(typingctx, value):
     return None
 
 
+def prefix_table() -> np.ndarray:
+    """int32 [256, 8]: for a bitmask byte m and lane j, popcount(m & ((1 << j) - 1)) (where
+    lane j's value sits in the byte's run of values), with the sign bit set when bit j of m
+    is clear (the kernel zeroes those lanes by the sign: one blend)."""
+    table = np.zeros((256, 8), dtype=np.int64)
+    for m in range(256):
+        for j in range(8):
+            clear = 0 if m >> j & 1 else -(1 << 31)
+            table[m, j] = bin(m & ((1 << j) - 1)).count("1") + clear
+    return table.astype(np.int32)
+
+
+PREFIXES = prefix_table()
+
+
+# ----------------------------------------------------------------------------- bitmask layout
+
+
+@njit(**_PARALLEL)
+def bitmask_mv(bitmask, values, row_offsets, prefixes, parts, x, y):
+    """``y = W x`` for one token (``x`` padded to 8 * bytes entries)."""
+    for part in prange(parts.shape[0] - 1):
+        for r in range(parts[part], parts[part + 1]):
+            y[r] = bitmask_row_dot(bitmask, values, prefixes, r, row_offsets[r], x)
+
+
+@njit(**_PARALLEL)
+def bitmask_mm(bitmask, values, row_offsets, prefixes, parts, xq, yt):
+    """``yt[tile * rows + r, j] = W[r] . x[8 tile + j]`` for every tile of 8 tokens, ``xq``
+    [tiles, bytes, 8 tokens, 8 columns]."""
+    rows = bitmask.shape[0]
+    for part in prange(parts.shape[0] - 1):
+        for r in range(parts[part], parts[part + 1]):
+            for tile in range(xq.shape[0]):
+                start = row_offsets[r]
+                bitmask_row_tile(bitmask, values, prefixes, r, start, xq, tile, yt, tile * rows + r)
+
+
+@njit(**_PARALLEL)
+def bitmask_decode(bitmask, values, row_offsets, first, out):
+    """Rows ``first .. first + len(out)`` as a dense float32 tile ``out`` (zeroed here)."""
+    for i in prange(out.shape[0]):
+        r = first + i
+        row = out[i]
+        row[:] = 0.0
+        p = row_offsets[r]
+        for k in range(bitmask.shape[1]):
+            m = np.int64(bitmask[r, k])
+            j = 8 * k
+            while m:
+                if m & 1:
+                    row[j] = widen(values[p])
+                    p += 1
+                m >>= 1
+                j += 1
+
+
 # ----------------------------------------------------------------------------- blocked layout
 
 
 @njit(**_PARALLEL)
 def blocked_mv(values, cols, counts, row_ptr, width, parts, x, y):
     """``y = W x`` for one token."""
-    nblocks = counts.shape[1]
     for part in prange(parts.shape[0] - 1):
         for r in range(parts[part], parts[part + 1]):
-            start = row_ptr[r]
-            acc = np.float32(0.0)
-            for b in range(nblocks):
-                n = np.int64(counts[r, b])
-                vals = values[start : start + n]
-                idx = cols[start : start + n]
-                xb = x[b * width :]
-                for t in range(n):
-                    acc += widen(vals[t]) * xb[idx[t]]
-                start += n
-            y[r] = acc
+            y[r] = blocked_row_dot(values, cols, counts, r, row_ptr[r], width, x)
 
 
 @njit(**_PARALLEL)
 def blocked_mm(values, cols, counts, row_ptr, width, parts, xt, ncols, yt):
     """``yt[tile * rows + r, k] = sum_c W[r, c] xt[tile * ncols + c, k]`` for every tile of
     :data:`LANES` tokens; a row's non-zeros are read from memory once for all tiles."""
-    nblocks = counts.shape[1]
     tiles = xt.shape[0] // ncols
     rows = row_ptr.shape[0] - 1
     for part in prange(parts.shape[0] - 1):
         for r in range(parts[part], parts[part + 1]):
             for tile in range(tiles):
-                _blocked_row_tile(
-                    values,
-                    cols,
-                    counts,
-                    row_ptr,
-                    width,
-                    nblocks,
-                    r,
-                    xt,
-                    tile * ncols,
-                    yt[tile * rows + r],
+                first = tile * ncols
+                blocked_row_tile(
+                    values, cols, counts, r, row_ptr[r], width, xt, first, yt, tile * rows + r
                 )
-
-
-@njit(fastmath=_FLAGS, cache=True, nogil=True, inline="always")
-def _blocked_row_tile(values, cols, counts, row_ptr, width, nblocks, r, xt, first, out):
-    # Two sets of accumulators: each FMA chain waits for the previous one's result.
-    z = np.float32(0.0)
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
-    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
-    start = row_ptr[r]
-    for b in range(nblocks):
-        n = np.int64(counts[r, b])
-        base = first + b * width
-        t = start
-        end = start + n
-        while t + 1 < end:
-            v = widen(values[t])
-            xr = xt[base + np.int64(cols[t])]
-            a0 += v * xr[0]
-            a1 += v * xr[1]
-            a2 += v * xr[2]
-            a3 += v * xr[3]
-            a4 += v * xr[4]
-            a5 += v * xr[5]
-            a6 += v * xr[6]
-            a7 += v * xr[7]
-            v = widen(values[t + 1])
-            xr = xt[base + np.int64(cols[t + 1])]
-            b0 += v * xr[0]
-            b1 += v * xr[1]
-            b2 += v * xr[2]
-            b3 += v * xr[3]
-            b4 += v * xr[4]
-            b5 += v * xr[5]
-            b6 += v * xr[6]
-            b7 += v * xr[7]
-            t += 2
-        if t < end:
-            v = widen(values[t])
-            xr = xt[base + np.int64(cols[t])]
-            a0 += v * xr[0]
-            a1 += v * xr[1]
-            a2 += v * xr[2]
-            a3 += v * xr[3]
-            a4 += v * xr[4]
-            a5 += v * xr[5]
-            a6 += v * xr[6]
-            a7 += v * xr[7]
-        start = end
-    out[0] = a0 + b0
-    out[1] = a1 + b1
-    out[2] = a2 + b2
-    out[3] = a3 + b3
-    out[4] = a4 + b4
-    out[5] = a5 + b5
-    out[6] = a6 + b6
-    out[7] = a7 + b7
 
 
 @njit(**_PARALLEL)
@@ -176,16 +164,9 @@ def blocked_decode(values, cols, counts, row_ptr, width, first, out):
 @njit(**_PARALLEL)
 def nm24_mv(values, positions, parts, x, y):
     """``y = W x`` for one token, ``W`` in the 2:4 layout."""
-    half = values.shape[1]
     for part in prange(parts.shape[0] - 1):
         for r in range(parts[part], parts[part + 1]):
-            vals = values[r]
-            pos = positions[r]
-            acc = np.float32(0.0)
-            for t in range(half):
-                col = ((t >> 1) << 2) + ((np.int64(pos[t >> 2]) >> ((t & 3) << 1)) & 3)
-                acc += widen(vals[t]) * x[col]
-            y[r] = acc
+            y[r] = nm24_row_dot(values, positions, r, x)
 
 
 @njit(**_PARALLEL)
@@ -196,45 +177,7 @@ def nm24_mm(values, positions, parts, xt, ncols, yt):
     for part in prange(parts.shape[0] - 1):
         for r in range(parts[part], parts[part + 1]):
             for tile in range(tiles):
-                _nm24_row_tile(values[r], positions[r], xt, tile * ncols, yt[tile * rows + r])
-
-
-@njit(fastmath=_FLAGS, cache=True, nogil=True, inline="always")
-def _nm24_row_tile(vals, pos, xt, first, out):
-    # A group's two values go to two sets of accumulators (independent FMA chains).
-    z = np.float32(0.0)
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
-    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
-    for g in range(vals.shape[0] >> 1):
-        bits = np.int64(pos[g >> 1]) >> ((g & 1) << 2)
-        v = widen(vals[2 * g])
-        xr = xt[first + (g << 2) + (bits & 3)]
-        a0 += v * xr[0]
-        a1 += v * xr[1]
-        a2 += v * xr[2]
-        a3 += v * xr[3]
-        a4 += v * xr[4]
-        a5 += v * xr[5]
-        a6 += v * xr[6]
-        a7 += v * xr[7]
-        v = widen(vals[2 * g + 1])
-        xr = xt[first + (g << 2) + ((bits >> 2) & 3)]
-        b0 += v * xr[0]
-        b1 += v * xr[1]
-        b2 += v * xr[2]
-        b3 += v * xr[3]
-        b4 += v * xr[4]
-        b5 += v * xr[5]
-        b6 += v * xr[6]
-        b7 += v * xr[7]
-    out[0] = a0 + b0
-    out[1] = a1 + b1
-    out[2] = a2 + b2
-    out[3] = a3 + b3
-    out[4] = a4 + b4
-    out[5] = a5 + b5
-    out[6] = a6 + b6
-    out[7] = a7 + b7
+                nm24_row_tile(values, positions, r, xt, tile * ncols, yt, tile * rows + r)
 
 
 @njit(**_PARALLEL)

@@ -1,18 +1,24 @@
 """The packed weight of a :class:`~sparsellm.sparse.SparseLinear`, built with torch alone (no
 numba) a block of rows at a time, and decoded back a tile of rows at a time.
 
-**blocked** (any pattern): each row's non-zeros in column order, ``values`` 1-D (float32 or
-bfloat16); ``cols`` the column inside its block of ``width`` columns; ``counts`` [rows, blocks]
-the non-zeros of each row in each block; ``row_ptr`` int64 [rows + 1]. Two index widths:
+**bitmask** (unstructured, the default below :data:`U16_SPARSITY`): the checkpoint's
+"sparse-bitmask" parts as they are: ``bitmask`` uint8 [rows, ceil(cols/8)] (bit j of byte k
+set iff column 8k+j is non-zero), ``values`` the non-zeros row-major (float32 or bfloat16,
+plus 8 zeros: the kernel reads windows of 8), ``row_offsets`` int64 [rows]. 1/8 byte of index
+a weight: the fewest bytes at 50-85% sparsity, and decode is bound by bytes.
 
-- ``u8``: 256-column blocks, ``cols`` uint8, ``counts`` int16 (1 byte an index);
-- ``u16``: one block a row, ``cols`` uint16 (stored as int16 bits), ``counts`` int32 [rows, 1]
-  (2 bytes an index, but the kernel's loops run the whole row: faster at high sparsity).
+**blocked** (unstructured, for high sparsity): each row's non-zeros in column order,
+``values`` 1-D; ``cols`` the column inside its block of ``width`` columns; ``counts`` [rows,
+blocks] the non-zeros of each row in each block; ``row_ptr`` int64 [rows + 1]. Two index
+widths: ``u8`` (256-column blocks, ``counts`` int16; 1 byte a non-zero) and ``u16`` (one
+block a row, uint16 stored as int16 bits, ``counts`` int32 [rows, 1]; 2 bytes a non-zero, but
+the kernel's loop runs the whole row). Work per non-zero, not per weight: faster than the
+bitmask once few weights are left.
 
 **nm24** (every group of 4 columns holds at most 2 non-zeros): ``values`` [rows, cols/2] and
 ``positions`` uint8 [rows, cols/8], 2 bits a value (its place in its group, ascending, the
 first value in the lowest bits; a group with fewer non-zeros is filled with zeros at its
-first free places). 4.25 bits of index a group instead of 2 bytes.
+first free places). 4.25 bits of index a group.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from torch import Tensor
 
 BLOCK = 256  # columns of a u8 index block
 CHUNK = 1 << 22  # elements per block of rows when packing or decoding: bounded temporaries
-U16_SPARSITY = 0.85  # from this sparsity on the u16 index is faster (bench/kernel.py)
+U16_SPARSITY = 0.85  # from this sparsity on the u16 index beats the bitmask (bench/kernel.py)
+PAD = 8  # zeros after a bitmask layout's values: the kernel reads windows of 8
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
@@ -67,14 +74,14 @@ def as_shape(shape: Tensor | Sequence[int]) -> tuple[int, int]:
 
 
 def choose_index(sparsity: float, cols: int, index: str = "auto") -> str:
-    """``u8`` or ``u16`` (``index``: ``auto`` or either)."""
-    if index not in ("auto", "u8", "u16"):
-        raise ValueError(f"index must be auto, u8 or u16, not {index!r}")
+    """``bitmask``, ``u8`` or ``u16`` (``index``: ``auto`` or one of them)."""
+    if index not in ("auto", "bitmask", "u8", "u16"):
+        raise ValueError(f"index must be auto, bitmask, u8 or u16, not {index!r}")
     if index == "u16" and cols > 1 << 16:
         raise ValueError(f"a u16 index holds at most 65536 columns, not {cols}")
     if index != "auto":
         return index
-    return "u16" if sparsity >= U16_SPARSITY and cols <= 1 << 16 else "u8"
+    return "u16" if sparsity >= U16_SPARSITY and cols <= 1 << 16 else "bitmask"
 
 
 # ----------------------------------------------------------------------------- blocked
@@ -108,6 +115,26 @@ def check_bitmask(bitmask: Tensor, row_offsets: Tensor, nnz: int, shape: tuple[i
         raise ValueError(f"{nnz} values for a weight without rows")
     if cols % 8 and rows and bool((bitmask[:, -1] >> (cols % 8)).any()):
         raise ValueError(f"bitmask has bits set beyond column {cols}")
+
+
+def bitmask_layout(
+    bitmask: Tensor, values: Tensor, row_offsets: Tensor, shape: tuple[int, int]
+) -> Packed:
+    """The bitmask layout: the checked parts, the values followed by :data:`PAD` zeros."""
+    check_bitmask(bitmask, row_offsets, values.numel(), shape)
+    padded = torch.zeros(values.numel() + PAD, dtype=values.dtype)
+    padded[: values.numel()] = values
+    tensors = {"bitmask": bitmask, "values": padded, "row_offsets": row_offsets}
+    return Packed("bitmask", shape, tensors)
+
+
+def bitmask_columns(packed: Packed, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+    """(row in the slice, column, value) of every non-zero of ``rows``."""
+    t = packed.tensors
+    mask = unpack_bits(t["bitmask"][rows], packed.shape[1])
+    row, col = mask.nonzero(as_tuple=True)
+    start = int(t["row_offsets"][rows.start]) if rows.stop > rows.start else 0
+    return row, col, t["values"][start : start + row.numel()]
 
 
 def blocked_from_bitmask(
@@ -156,6 +183,23 @@ def blocked_from_nm(
         "row_ptr": torch.arange(rows + 1, dtype=torch.int64) * per_row,
     }
     return Packed("blocked", shape, tensors, width)
+
+
+def bitmask_from_nm(
+    values: Tensor, indices: Tensor, n: int, m: int, shape: tuple[int, int]
+) -> Packed:
+    """The bitmask layout of N:M parts (other patterns than 2:4; fill-up zeros kept as
+    stored values, their bits set: every row holds cols/M*N)."""
+    rows, cols = shape
+    nbytes, per_row = (cols + 7) // 8, cols // m * n
+    bitmask = torch.zeros(rows, nbytes, dtype=torch.uint8)
+    for chunk in row_chunks(rows, cols):
+        columns = nm_columns(indices[chunk], n, m, cols)
+        bits = torch.ones_like(columns) << (columns % 8)  # distinct columns: a sum is an or
+        packed = torch.zeros(columns.shape[0], nbytes, dtype=torch.int64)
+        bitmask[chunk] = packed.scatter_add_(1, columns // 8, bits).to(torch.uint8)
+    offsets = torch.arange(rows, dtype=torch.int64) * per_row
+    return bitmask_layout(bitmask, values.reshape(-1), offsets, shape)
 
 
 def blocked_columns(packed: Packed, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
@@ -272,6 +316,7 @@ def decode_rows(packed: Packed, rows: slice) -> Tensor:
         values = packed.tensors["values"][rows].float()
         tile.scatter_(1, nm24_columns(packed.tensors["positions"], rows, cols // 2), values)
         return tile
-    row, col, values = blocked_columns(packed, rows)
+    columns = bitmask_columns if packed.kind == "bitmask" else blocked_columns
+    row, col, values = columns(packed, rows)
     tile[row, col] = values.float()
     return tile

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from sparsellm.sparse import layout
 from sparsellm.sparse.layout import Packed
 
+LANES = 8  # tokens per tile of the batched kernels (sparsellm.sparse.vector.LANES)
+
 KERNEL_ENV = "SPARSELLM_SPARSE_KERNEL"
 INSTALL_HINT = "pip install 'sparsellm[infer]'"
 TILE_ELEMENTS = 1 << 20  # weights decoded at a time on the tile path (4 MiB of float32)
@@ -65,11 +67,18 @@ def _warn_fallback(reason: str) -> None:
     )
 
 
-def kernel_token_limit(density: float) -> int:
-    """The most tokens a product runs in the batched sparse kernel; more go to the tile path
-    (decode + ``torch.mm``). The batched kernel costs about ``density`` x tiles of 8 tokens
-    against dense arithmetic's full weight: measured crossover (bench/kernel.py)."""
-    return 64 if density <= 0.35 else 32 if density <= 0.55 else 16
+# The most tokens a product runs in a batched sparse kernel; more go to the tile path (decode
+# + torch.mm). Measured crossovers (bench/kernel.py --tokens ..., docs/ARCHITECTURE.md): the
+# bitmask kernel's work is per weight, the others' per non-zero (limits by density).
+TOKEN_LIMITS = {"bitmask": 64, "blocked": ((0.15, 256), (0.35, 64), (1.0, 16)), "nm24": 32}
+
+
+def kernel_token_limit(kind: str, density: float) -> int:
+    """The most tokens a ``kind`` layout of ``density`` multiplies in its batched kernel."""
+    limit = TOKEN_LIMITS[kind]
+    if isinstance(limit, int):
+        return limit
+    return next(tokens for most, tokens in limit if density <= most)
 
 
 def _threads(kernels: Any) -> int:
@@ -98,6 +107,8 @@ class SparseLinear(nn.Module):
         for name, tensor in packed.tensors.items():
             self.register_buffer(name, tensor)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # Tokens up to which the batched kernel runs (None: kernel_token_limit's choice).
+        self.kernel_tokens: int | None = None
         self._cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------- constructors
@@ -153,6 +164,8 @@ class SparseLinear(nn.Module):
         values = values.to(layout.value_dtype(values.dtype))
         sparsity = 1.0 - values.numel() / max(rows * cols, 1)
         chosen = layout.choose_index(sparsity, cols, index)
+        if chosen == "bitmask":
+            return cls(layout.bitmask_layout(bitmask, values, row_offsets, (rows, cols)), bias)
         packed = layout.blocked_from_bitmask(bitmask, values, row_offsets, (rows, cols), chosen)
         return cls(packed, bias)
 
@@ -170,7 +183,7 @@ class SparseLinear(nn.Module):
         """From the checkpoint's N:M parts: ``values`` [rows, cols/M*N] (N a group, zeros
         where a group holds fewer), ``indices`` uint8 (each value's place in its group,
         ``position_bits(M)`` bits, packed little-endian row by row), ``pattern`` [N, M].
-        2:4 keeps this form (2-bit positions); other patterns become the blocked layout."""
+        2:4 keeps this form (2-bit positions); other patterns become an unstructured one."""
         n, m = (int(v) for v in (pattern.tolist() if isinstance(pattern, Tensor) else pattern))
         rows, cols = layout.as_shape(shape)
         values = values.detach()
@@ -186,6 +199,8 @@ class SparseLinear(nn.Module):
                 f"N:M values must be [{rows}, {cols // m * n}], not {list(values.shape)}"
             )
         chosen = layout.choose_index(1.0 - n / m, cols, index)
+        if chosen == "bitmask":
+            return cls(layout.bitmask_from_nm(values, indices, n, m, (rows, cols)), bias)
         packed = layout.blocked_from_nm(values, indices, n, m, (rows, cols), chosen)
         return cls(packed, bias)
 
@@ -193,8 +208,8 @@ class SparseLinear(nn.Module):
 
     @property
     def nnz(self) -> int:
-        """Values stored (2:4: two a group, fill-up zeros included)."""
-        return self.values.numel()
+        """Values stored (2:4: two a group, fill-up zeros included; not the bitmask's pad)."""
+        return self.values.numel() - (layout.PAD if self.kind == "bitmask" else 0)
 
     @property
     def density(self) -> float:
@@ -207,18 +222,18 @@ class SparseLinear(nn.Module):
 
     @property
     def index(self) -> str:
-        """The index form: ``2:4``, ``u8`` or ``u16``."""
-        if self.kind == "nm24":
-            return "2:4"
+        """The index form: ``2:4``, ``bitmask``, ``u8`` or ``u16``."""
+        if self.kind in ("nm24", "bitmask"):
+            return "2:4" if self.kind == "nm24" else "bitmask"
         return "u8" if self.cols.dtype == torch.uint8 else "u16"
 
     def packed(self) -> Packed:
         """The packed weight (the module's buffers)."""
-        names = (
-            ("values", "positions")
-            if self.kind == "nm24"
-            else ("values", "cols", "counts", "row_ptr")
-        )
+        names = {
+            "nm24": ("values", "positions"),
+            "bitmask": ("bitmask", "values", "row_offsets"),
+            "blocked": ("values", "cols", "counts", "row_ptr"),
+        }[self.kind]
         shape = (self.out_features, self.in_features)
         return Packed(self.kind, shape, {n: getattr(self, n) for n in names}, self.width)
 
@@ -264,12 +279,16 @@ class SparseLinear(nn.Module):
             return flat.new_zeros(0, self.out_features)
         if tokens == 1:
             return self._mv(kernels, flat.contiguous(), threads)
-        if tokens <= kernel_token_limit(self.density):
+        limit = self.kernel_tokens
+        if limit is None:
+            limit = kernel_token_limit(self.kind, self.density)
+        if tokens <= limit:
             return self._mm(kernels, flat, threads)
         return self._tiles(flat, kernels)
 
-    def _arrays(self) -> tuple[np.ndarray, ...]:
-        """The buffers as numpy arrays for the kernels (cached until the next ``_apply``)."""
+    def _arrays(self) -> tuple[Any, ...]:
+        """The buffers as numpy arrays, in the kernels' argument order (cached until the next
+        ``_apply``)."""
         if "arrays" not in self._cache:
             values = self.values
             if values.dtype == torch.bfloat16:
@@ -277,51 +296,77 @@ class SparseLinear(nn.Module):
             else:
                 values_np = values.to(torch.float32).numpy()  # a copy only for other floats
             if self.kind == "nm24":
-                self._cache["arrays"] = (values_np, self.positions.numpy())
+                arrays = (values_np, self.positions.numpy())
+            elif self.kind == "bitmask":
+                prefixes = _kernels().PREFIXES
+                arrays = (self.bitmask.numpy(), values_np, self.row_offsets.numpy(), prefixes)
             else:
                 cols = self.cols.numpy()
                 cols = cols.view(np.uint16) if cols.dtype == np.int16 else cols
-                self._cache["arrays"] = (
-                    values_np,
-                    cols,
-                    self.counts.numpy(),
-                    self.row_ptr.numpy(),
-                    self.width,
-                )
+                counts, row_ptr = self.counts.numpy(), self.row_ptr.numpy()
+                arrays = (values_np, cols, counts, row_ptr, self.width)
+            self._cache["arrays"] = arrays
         return self._cache["arrays"]
 
     def _parts(self, threads: int) -> np.ndarray:
-        """Row boundaries giving each thread the same number of non-zeros."""
+        """Row boundaries giving each thread the same number of bytes to read."""
         key = f"parts{threads}"
         if key not in self._cache:
             rows = self.out_features
             if self.kind == "nm24":
-                bounds = np.linspace(0, rows, threads + 1).round()
+                read = np.arange(rows + 1, dtype=np.float64)
+            elif self.kind == "bitmask":
+                starts = np.append(self.row_offsets.numpy(), self.nnz).astype(np.float64)
+                read = (
+                    starts * self.values.element_size()
+                    + np.arange(rows + 1) * self.bitmask.shape[1]
+                )
             else:
-                row_ptr = self.row_ptr.numpy()
-                bounds = np.searchsorted(row_ptr, np.linspace(0, row_ptr[-1], threads + 1))
-                bounds[0], bounds[-1] = 0, rows
+                read = self.row_ptr.numpy().astype(np.float64)
+            bounds = np.searchsorted(read, np.linspace(0, read[-1], threads + 1))
+            bounds[0], bounds[-1] = 0, rows
             self._cache[key] = np.minimum(bounds, rows).astype(np.int64)
         return self._cache[key]
 
+    def _padded_columns(self, flat: Tensor, rows: int) -> Tensor:
+        """``flat`` [tokens, in] as [rows, 8 * bitmask bytes], zero-padded (the bitmask
+        kernels read x in whole bytes of columns)."""
+        width = -(-self.in_features // 8) * 8
+        if width == self.in_features and rows == flat.shape[0]:
+            return flat.contiguous()
+        padded = flat.new_zeros(rows, width)
+        padded[: flat.shape[0], : self.in_features] = flat
+        return padded
+
     def _mv(self, kernels: Any, x: Tensor, threads: int) -> Tensor:
         y = torch.empty(1, self.out_features)
-        arrays = self._arrays()
-        run = kernels.nm24_mv if self.kind == "nm24" else kernels.blocked_mv
-        run(*arrays, self._parts(threads), x.numpy()[0], y.numpy()[0])
+        parts = self._parts(threads)
+        if self.kind == "bitmask":
+            x = self._padded_columns(x, 1)
+            kernels.bitmask_mv(*self._arrays(), parts, x.numpy()[0], y.numpy()[0])
+        else:
+            run = kernels.nm24_mv if self.kind == "nm24" else kernels.blocked_mv
+            run(*self._arrays(), parts, x.numpy()[0], y.numpy()[0])
         return y
 
     def _mm(self, kernels: Any, flat: Tensor, threads: int) -> Tensor:
-        tokens, lanes = flat.shape[0], kernels.LANES
+        tokens, lanes = flat.shape[0], LANES
         tiles = -(-tokens // lanes)
-        padded = flat.new_zeros(tiles * lanes, self.in_features)
-        padded[:tokens] = flat
-        # [tiles * in, lanes]: one weight meets a tile's tokens as one contiguous vector.
-        xt = padded.view(tiles, lanes, self.in_features).transpose(1, 2).contiguous()
-        xt = xt.view(tiles * self.in_features, lanes)
         yt = torch.empty(tiles * self.out_features, lanes)
-        run = kernels.nm24_mm if self.kind == "nm24" else kernels.blocked_mm
-        run(*self._arrays(), self._parts(threads), xt.numpy(), self.in_features, yt.numpy())
+        parts = self._parts(threads)
+        if self.kind == "bitmask":
+            xp = self._padded_columns(flat, tiles * lanes)
+            # [tiles, bytes, 8 tokens, 8 columns]: a byte's columns of a tile's tokens together.
+            xq = xp.view(tiles, lanes, -1, 8).transpose(1, 2).contiguous()
+            kernels.bitmask_mm(*self._arrays(), parts, xq.numpy(), yt.numpy())
+        else:
+            padded = flat.new_zeros(tiles * lanes, self.in_features)
+            padded[:tokens] = flat
+            # [tiles * in, lanes]: one weight meets a tile's tokens as one contiguous vector.
+            xt = padded.view(tiles, lanes, self.in_features).transpose(1, 2).contiguous()
+            xt = xt.view(tiles * self.in_features, lanes)
+            run = kernels.nm24_mm if self.kind == "nm24" else kernels.blocked_mm
+            run(*self._arrays(), parts, xt.numpy(), self.in_features, yt.numpy())
         y = yt.view(tiles, self.out_features, lanes).transpose(1, 2)
         return y.reshape(tiles * lanes, self.out_features)[:tokens]
 
@@ -351,6 +396,8 @@ class SparseLinear(nn.Module):
         arrays = self._arrays()
         if self.kind == "nm24":
             kernels.nm24_decode(*arrays, first, tile.numpy())
+        elif self.kind == "bitmask":
+            kernels.bitmask_decode(*arrays[:3], first, tile.numpy())
         else:
             kernels.blocked_decode(*arrays, first, tile.numpy())
 
