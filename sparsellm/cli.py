@@ -17,10 +17,14 @@ from collections.abc import Iterator
 from dataclasses import asdict
 
 from sparsellm.config import (
+    BenchInferConfig,
+    CompressConfig,
     EvalConfig,
     FinetuneConfig,
     PlanConfig,
     PruneConfig,
+    bench_infer_config,
+    compress_config,
     eval_config,
     finetune_config,
     load_recipe,
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help, description, schema, run in SUBCOMMANDS:
         p = sub.add_parser(name, help=help, description=description)
+        for dest, (metavar, text) in getattr(schema, "POSITIONAL", {}).items():
+            p.add_argument(dest, metavar=metavar, help=text)
         p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")
         add_flags(p, schema)
         if schema is PruneConfig:
@@ -93,7 +99,10 @@ def run_prune(args: argparse.Namespace) -> int:
     # Where the blocks wait: decided from the source's files alone, before any of it is read.
     offload = offload_mode(config.offload, config.model) == "disk"
     if offload and config.save_format != "dense":
-        raise UserError(f"--offload disk writes the dense format only, not {config.save_format!r}")
+        raise UserError(
+            f"--offload disk writes the dense format only, not {config.save_format!r}; "
+            "compress the output afterwards with 'sparsellm compress'"
+        )
     from sparsellm.preflight import check_prune_inputs
 
     # Model source, output, windows within positions and vocabulary, before the model loads.
@@ -178,15 +187,7 @@ class _PruneSession:
             )
             self.model, self.tokenizer = self.offloaded.model, self.offloaded.tokenizer
         else:
-            from sparsellm.loading import load_model_and_tokenizer
-
-            self.model, self.tokenizer = load_model_and_tokenizer(
-                config.model,
-                config.dtype,
-                self.device,
-                allow_pickle=config.allow_pickle,
-                trust_remote_code=config.trust_remote_code,
-            )
+            self.model, self.tokenizer = _load(config, self.device)
 
     def write(self, report) -> object:
         """Write the pruned model and its report (rank 0); the output directory. The resume
@@ -266,6 +267,19 @@ class _PruneSession:
         return value
 
 
+def _load(config: PruneConfig | EvalConfig | FinetuneConfig, device: object) -> tuple:
+    """The model and tokenizer ``config`` names, with its pickle and remote-code consent."""
+    from sparsellm.loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(
+        config.model,
+        config.dtype,
+        device,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
 def _remove_stale(output: str) -> None:
     """Remove (and say so) what killed runs left next to ``output``."""
     from sparsellm.saving import remove_stale_temporaries
@@ -277,20 +291,13 @@ def _remove_stale(output: str) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from sparsellm.api import default_device, evaluate_perplexity
     from sparsellm.distributed import init_from_environment, is_main
-    from sparsellm.loading import load_model_and_tokenizer
     from sparsellm.preflight import check_eval_inputs
 
     config = eval_config(_settings(args, EvalConfig))
     check_source(config.dataset)
     windows = check_eval_inputs(config)  # read and checked before the model loads
     device = init_from_environment(default_device(config.device))
-    model, tokenizer = load_model_and_tokenizer(
-        config.model,
-        config.dtype,
-        device,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
-    )
+    model, tokenizer = _load(config, device)
     ppl = evaluate_perplexity(
         model,
         tokenizer,
@@ -324,7 +331,6 @@ def _finetune_windows(config: FinetuneConfig, tokenizer: object):
 def run_finetune(args: argparse.Namespace) -> int:
     from sparsellm.api import default_device
     from sparsellm.finetune import finetune_from_config
-    from sparsellm.loading import load_model_and_tokenizer
     from sparsellm.saving import save_model
 
     config = finetune_config(_settings(args, FinetuneConfig))
@@ -337,19 +343,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     train, held_out = check_finetune_inputs(config, _finetune_windows)
     device = default_device(config.device)
     _remove_stale(config.output)
-    model, tokenizer = load_model_and_tokenizer(
-        config.model,
-        config.dtype,
-        device,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
-    )
+    model, tokenizer = _load(config, device)
     result = finetune_from_config(
         model, train, config, eval_windows=held_out, device=device, progress=not args.quiet
     )
     model.to("cpu")
     report = {"config": asdict(config), **result.to_dict()}
-    output = save_model(model, tokenizer, config.output, reports={"finetune_report.json": report})
+    output = save_model(
+        model,
+        tokenizer,
+        config.output,
+        save_format=config.save_format,
+        reports={"finetune_report.json": report},
+    )
     print(
         f"fine-tuned {config.steps} steps in {result.seconds:.0f} s: held-out perplexity "
         f"{result.perplexity_before:.3f} -> {result.perplexity_after:.3f}, sparsity "
@@ -369,6 +375,48 @@ def run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(model_config, work, config.dtype, config.device_memory, config.ranks)
     print(dumps(plan) if config.json else format_plan(plan, config.model))
     return 0
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from sparsellm.compressed import compress_directory
+    from sparsellm.memory import parse_size
+
+    config = compress_config(_settings(args, CompressConfig))
+    _remove_stale(config.output)
+    sizes = compress_directory(
+        config.source,
+        config.output,
+        parse_size(config.max_shard_size),
+        config.trust_remote_code,
+        progress=not args.quiet,
+    )
+    print(sizes.summary())
+    print(f"compressed model written to {config.output}")
+    return 0
+
+
+def run_decompress(args: argparse.Namespace) -> int:
+    from sparsellm.compressed import decompress_directory
+    from sparsellm.memory import parse_size
+
+    config = compress_config(_settings(args, CompressConfig))
+    _remove_stale(config.output)
+    sizes = decompress_directory(
+        config.source,
+        config.output,
+        parse_size(config.max_shard_size),
+        config.trust_remote_code,
+        progress=not args.quiet,
+    )
+    print(sizes.summary(restored=True))
+    print(f"dense model written to {config.output}")
+    return 0
+
+
+def run_bench_infer(args: argparse.Namespace) -> int:
+    from sparsellm.sparse.bench import run
+
+    return run(bench_infer_config(_settings(args, BenchInferConfig)))
 
 
 # name, help, description, settings, run: one entry a subcommand.
@@ -403,6 +451,32 @@ SUBCOMMANDS = (
         "and the formula the engine sizes its chunks with.",
         PlanConfig,
         run_plan,
+    ),
+    (
+        "bench-infer",
+        "decode and prefill speed of a pruned model, dense vs sparse",
+        "Greedy decode (batch 1) and prefill tokens/s of the model and of its sparse form "
+        "(sparsellm.sparse) in one process with the same threads, the bytes of weights a token "
+        "reads, the speed-up they bound, and whether the greedy tokens agree.",
+        BenchInferConfig,
+        run_bench_infer,
+    ),
+    (
+        "compress",
+        "store a pruned model's sparse weights compressed",
+        "Rewrite a safetensors model directory as a compressed checkpoint (sparse-bitmask: "
+        "each sparse Linear weight as a bitmask and its non-zeros, N:M weights as values and "
+        "positions), tensor by tensor; load it with sparsellm.load_model.",
+        CompressConfig,
+        run_compress,
+    ),
+    (
+        "decompress",
+        "restore a compressed checkpoint as a dense one",
+        "Rewrite a compressed checkpoint as a dense safetensors directory, bit for bit, every "
+        "tensor checked first.",
+        CompressConfig,
+        run_decompress,
     ),
 )
 

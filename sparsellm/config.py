@@ -13,7 +13,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +29,23 @@ from sparsellm.settings import ConfigError, check_settings, check_value, declare
 SOURCES = describe_sources()
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 MODEL_HELP = "hub id, local model directory, or .gguf file"
+
+
+def allow_pickle_setting() -> Any:
+    """``--allow-pickle``, one declaration for every subcommand that loads a model."""
+    return setting(
+        False,
+        "load a pickle checkpoint (pytorch_model.bin: unpickling runs code, so only from a "
+        "source you trust); safetensors is always preferred",
+        "bool",
+    )
+
+
+def trust_remote_code_setting() -> Any:
+    """``--trust-remote-code``, one declaration for every subcommand that loads a model."""
+    return setting(
+        False, "run the model repository's own Python code (only for a source you trust)", "bool"
+    )
 
 
 @dataclass
@@ -68,15 +85,8 @@ class PruneConfig:
         "(same settings; the result equals an uninterrupted run)",
         "bool",
     )
-    allow_pickle: bool = setting(
-        False,
-        "load a pickle checkpoint (pytorch_model.bin: unpickling runs code, so only from a "
-        "source you trust); safetensors is always preferred",
-        "bool",
-    )
-    trust_remote_code: bool = setting(
-        False, "run the model repository's own Python code (only for a source you trust)", "bool"
-    )
+    allow_pickle: bool = allow_pickle_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
     guard: bool = setting(
         True,
         "re-do a block whose output error exceeds 1 with SparseGPT and stop if it is still "
@@ -210,15 +220,8 @@ class EvalConfig:
     batch_size: int = setting(4, "windows per forward pass", "positive_int")
     device: str | None = setting(None, "default: cuda if available, else cpu")
     dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
-    allow_pickle: bool = setting(
-        False,
-        "load a pickle checkpoint (pytorch_model.bin: unpickling runs code, so only from a "
-        "source you trust); safetensors is always preferred",
-        "bool",
-    )
-    trust_remote_code: bool = setting(
-        False, "run the model repository's own Python code (only for a source you trust)", "bool"
-    )
+    allow_pickle: bool = allow_pickle_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
 
 
 @dataclass
@@ -247,16 +250,10 @@ class FinetuneConfig:
     seed: int = setting(0, "seed of the batch order", "int")
     device: str | None = setting(None, "default: cuda if available, else cpu")
     dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
+    save_format: str = setting("dense", "output format", choices=tuple(FORMATS))
     overwrite: bool = setting(False, "replace a non-empty output directory", "bool")
-    allow_pickle: bool = setting(
-        False,
-        "load a pickle checkpoint (pytorch_model.bin: unpickling runs code, so only from a "
-        "source you trust); safetensors is always preferred",
-        "bool",
-    )
-    trust_remote_code: bool = setting(
-        False, "run the model repository's own Python code (only for a source you trust)", "bool"
-    )
+    allow_pickle: bool = allow_pickle_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
 
 
 @dataclass
@@ -275,9 +272,67 @@ class PlanConfig:
     )
     ranks: int = setting(8, "processes of the multi-rank rows (torchrun)", "positive_int")
     json: bool = setting(False, "print a JSON dict instead of the table", "bool")
-    trust_remote_code: bool = setting(
-        False, "run the model repository's own Python code (only for a source you trust)", "bool"
+    trust_remote_code: bool = trust_remote_code_setting()
+
+
+@dataclass
+class CompressConfig:
+    """Settings of ``sparsellm compress`` / ``decompress`` (``source`` and ``output`` are the
+    positional DIR and OUT)."""
+
+    # name -> (metavar, help) of the positional arguments, in order
+    POSITIONAL: ClassVar[dict[str, tuple[str, str]]] = {
+        "source": ("DIR", "model directory to read (safetensors)"),
+        "output": ("OUT", "directory to write"),
+    }
+    source: str | None = setting(None, "model directory to read", cli=False)
+    output: str | None = setting(None, "directory to write", cli=False)
+    overwrite: bool = setting(False, "replace a non-empty output directory", "bool")
+    max_shard_size: str = setting("5GiB", "largest safetensors shard written", "size")
+    trust_remote_code: bool = trust_remote_code_setting()
+
+
+def compress_config(values: dict[str, Any]) -> CompressConfig:
+    """A checked :class:`CompressConfig`: a source directory, an output that may be written."""
+    config = _build(CompressConfig, values)
+    if not config.source or not Path(config.source).is_dir():
+        raise ConfigError(f"model directory {config.source!r} does not exist")
+    check_output(config.output, config.overwrite)
+    if config.max_shard_size == "auto":
+        raise ConfigError("max_shard_size must be a size such as 5GiB or 500MB, not auto")
+    if Path(config.output).resolve() == Path(config.source).resolve():
+        raise ConfigError("the output directory must differ from the model directory")
+    return config
+
+
+@dataclass
+class BenchInferConfig:
+    """Settings of ``sparsellm bench-infer``."""
+
+    model: str | None = setting(
+        None, "pruned model: directory (dense or compressed), hub id or .gguf"
     )
+    new_tokens: int = setting(
+        128, "greedy tokens decoded (batch 1, after a short prompt)", "positive_int"
+    )
+    prompt_tokens: int = setting(512, "tokens of the prefill measurement", "positive_int")
+    threads: int | None = setting(
+        None, "threads of torch and the sparse kernel (default: torch's)", "positive_int"
+    )
+    repeats: int = setting(3, "runs of each measurement, the best kept", "positive_int")
+    dtype: str = setting("float32", "weights' dtype", choices=("float32", "bfloat16"))
+    min_sparsity: float = setting(0.3, "layers with fewer zeros stay dense", "non_negative_number")
+    json: bool = setting(False, "print a JSON dict instead of the report", "bool")
+    trust_remote_code: bool = trust_remote_code_setting()
+
+
+def bench_infer_config(values: dict[str, Any]) -> BenchInferConfig:
+    """A checked :class:`BenchInferConfig`."""
+    config = _build(BenchInferConfig, values)
+    require_model(config.model)
+    if config.min_sparsity > 1:
+        raise ConfigError(f"min_sparsity {config.min_sparsity} is above 1")
+    return config
 
 
 def plan_config(values: dict[str, Any]) -> PlanConfig:

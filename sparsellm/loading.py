@@ -528,6 +528,13 @@ def load_model_and_tokenizer(
     if not gguf and not allow_pickle:
         kwargs["use_safetensors"] = True  # a hub download never falls back to a pickle
     tokenizer = pretrained(AutoTokenizer, spec, "tokenizer", trust_remote_code=trust_remote_code)
+    directory = _local_directory(spec)
+    from sparsellm.compressed import is_compressed, load_model
+
+    if directory is not None and is_compressed(directory):
+        # transformers would find none of its sparse weights; restored tensor by tensor here.
+        wanted = None if torch_dtype == "auto" else torch_dtype
+        return load_model(directory, wanted, trust_remote_code=trust_remote_code), tokenizer
     model, info = pretrained(
         AutoModelForCausalLM,
         spec,
