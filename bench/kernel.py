@@ -16,31 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable
 
 import torch
 
 from sparsellm.sparse import SparseLinear, kernel_unavailable
+from sparsellm.sparse.bench import OthersShare
 
 
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def others_share(run: Callable[[], None]) -> float:
-    """Run ``run``; the fraction of the machine's CPU time taken meanwhile by other processes."""
-    busy0, total0 = cpu_jiffies()
-    own0 = sum(os.times()[:2])
-    run()
-    busy1, total1 = cpu_jiffies()
-    own = (sum(os.times()[:2]) - own0) * os.sysconf("SC_CLK_TCK")
-    return max(0.0, (busy1 - busy0) - own) / max(total1 - total0, 1)
+def others_share(run: Callable[[], None]) -> float | None:
+    """Run ``run``; the share of the machine's CPU time other processes took meanwhile."""
+    with OthersShare() as others:
+        run()
+    return others.share
 
 
 def weight(rows: int, cols: int, sparsity: str, seed: int = 0) -> torch.Tensor:
@@ -130,7 +119,7 @@ def main() -> None:
                 print(
                     f"{row['sparsity']:>8}  {row['dtype']:<8} {tokens:>6} {row['index']:<5} "
                     f"{row['dense_ms']:9.3f} {row['sparse_ms']:10.3f} {row['ratio']:6.3f} "
-                    f"{row['bytes_ratio']:6.3f} {row['busy']:5.0%}",
+                    f"{row['bytes_ratio']:6.3f} {row['busy'] or 0:5.0%}",
                     flush=True,
                 )
 

@@ -73,6 +73,19 @@ def packed_by_hand(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 # ----------------------------------------------------------------------------- the kernels
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def threads(request, monkeypatch):
+    """One token on the calling thread (small layers), or on two threads' row ranges."""
+    if request.param == "parallel":
+        monkeypatch.setattr(sparse_linear, "SERIAL_BYTES", 0)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield 2
+        torch.set_num_threads(previous)
+    else:
+        yield 1
+
+
 CASES = [
     ("0.5", "bitmask"),
     ("0.7", "bitmask"),
@@ -87,7 +100,7 @@ CASES = [
 @needs_kernel
 @pytest.mark.parametrize("tokens", [1, 8])
 @pytest.mark.parametrize(("sparsity", "index"), CASES)
-def test_unstructured_matches_dense_float32(sparsity, index, tokens):
+def test_unstructured_matches_dense_float32(sparsity, index, tokens, threads):
     w = sparse_weight(37, 517, sparsity)  # 517 columns: not a multiple of 8 (nor of 256)
     bias = torch.randn(37)
     module = SparseLinear.from_dense(w, bias, index=index)
@@ -98,7 +111,7 @@ def test_unstructured_matches_dense_float32(sparsity, index, tokens):
 
 @needs_kernel
 @pytest.mark.parametrize("tokens", [1, 8])
-def test_nm24_matches_dense_float32(tokens):
+def test_nm24_matches_dense_float32(tokens, threads):
     w = sparse_weight(29, 516, "2:4")  # 516 / 2 values: the last position byte half used
     module = SparseLinear.from_dense(w)
     assert module.index == "2:4"
@@ -111,7 +124,7 @@ def test_nm24_matches_dense_float32(tokens):
     ("sparsity", "index"), [("0.7", "bitmask"), ("0.9", "u16"), ("2:4", "auto")]
 )
 @pytest.mark.parametrize("tokens", [1, 8])
-def test_bfloat16_values_match_a_float32_reference(sparsity, index, tokens):
+def test_bfloat16_values_match_a_float32_reference(sparsity, index, tokens, threads):
     w = sparse_weight(33, 520, sparsity).bfloat16()
     module = SparseLinear.from_dense(w, index=index)
     assert module.values.dtype == torch.bfloat16

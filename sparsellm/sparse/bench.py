@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,34 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat (``None`` off Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+class OthersShare:
+    """Context: the share of the machine's CPU time other processes took meanwhile (a timing
+    is only worth quoting when it is about 0); ``share`` stays ``None`` off Linux."""
+
+    def __enter__(self) -> OthersShare:
+        self.share: float | None = None
+        self._start, self._own = _cpu_jiffies(), sum(os.times()[:2])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = _cpu_jiffies()
+        if self._start is None or end is None:
+            return
+        own = (sum(os.times()[:2]) - self._own) * os.sysconf("SC_CLK_TCK")
+        busy, total = end[0] - self._start[0], end[1] - self._start[1]
+        self.share = max(0.0, busy - own) / max(total, 1)
+
+
 def _best_rates(runs: dict[str, Any], tokens: int, repeats: int) -> dict[str, float]:
     """Best tokens/s of each run (a callable returning seconds), interleaved round by round."""
     best = dict.fromkeys(runs, float("inf"))
@@ -113,39 +142,47 @@ def _best_rates(runs: dict[str, Any], tokens: int, repeats: int) -> dict[str, fl
 def bench_infer(
     models: Models, new_tokens: int, prompt_tokens: int, repeats: int, threads: int | None
 ) -> dict:
-    """Decode and prefill tokens/s of both models, bytes per token, identical tokens."""
+    """Decode and prefill tokens/s of both models, bytes per token, identical tokens, and
+    the share of the CPU other processes took during the timings (``busy``)."""
     if threads is not None:
         torch.set_num_threads(threads)
     dense, sparse = models.dense, models.sparse
     short = prompt_ids(dense, DECODE_PROMPT)
     long = prompt_ids(dense, prompt_tokens, seed=1)
-    for model in (dense, sparse):  # compile and touch everything once
+    for model in (dense, sparse):  # compile (numba caches on disk) and touch everything once
         greedy(model, short, min(WARMUP_TOKENS, new_tokens))
-        prefill_seconds(model, long[:, : min(prompt_tokens, 64)])
+        prefill_seconds(model, long)
     reference, _ = greedy(dense, short, new_tokens)
     produced, _ = greedy(sparse, short, new_tokens)
-    decode = _best_rates(
-        {
-            "dense": lambda: greedy(dense, short, new_tokens)[1],
-            "sparse": lambda: greedy(sparse, short, new_tokens)[1],
-        },
-        new_tokens,
-        repeats,
+    with OthersShare() as others:
+        decode = _best_rates(
+            {
+                "dense": lambda: greedy(dense, short, new_tokens)[1],
+                "sparse": lambda: greedy(sparse, short, new_tokens)[1],
+            },
+            new_tokens,
+            repeats,
+        )
+        prefill = _best_rates(
+            {
+                "dense": lambda: prefill_seconds(dense, long),
+                "sparse": lambda: prefill_seconds(sparse, long),
+            },
+            prompt_tokens,
+            repeats,
+        )
+    result = _result(models, decode, prefill, reference, produced)
+    result.update(
+        new_tokens=new_tokens,
+        decode_prompt_tokens=DECODE_PROMPT,
+        prompt_tokens=prompt_tokens,
+        repeats=repeats,
+        busy=others.share,
     )
-    prefill = _best_rates(
-        {
-            "dense": lambda: prefill_seconds(dense, long),
-            "sparse": lambda: prefill_seconds(sparse, long),
-        },
-        prompt_tokens,
-        repeats,
-    )
-    return _result(models, decode, prefill, reference, produced, new_tokens, prompt_tokens, repeats)
+    return result
 
 
-def _result(
-    models, decode, prefill, reference, produced, new_tokens, prompt_tokens, repeats
-) -> dict:
+def _result(models: Models, decode: dict, prefill: dict, reference: list, produced: list) -> dict:
     dense_bytes = weight_bytes_per_token(models.dense)
     sparse_bytes = weight_bytes_per_token(models.sparse)
     differ = next(
@@ -156,10 +193,6 @@ def _result(
         "threads": torch.get_num_threads(),
         "kernel": kernel_unavailable() or "numba",
         "sparse_layers": layers,
-        "new_tokens": new_tokens,
-        "decode_prompt_tokens": DECODE_PROMPT,
-        "prompt_tokens": prompt_tokens,
-        "repeats": repeats,
         "decode_tokens_per_s": decode,
         "decode_speedup": decode["sparse"] / decode["dense"],
         "prefill_tokens_per_s": prefill,
@@ -194,8 +227,16 @@ def format_result(result: dict, model: str) -> str:
             f"{result['dense_bandwidth_gb_s']:.1f} GB/s dense, "
             f"{result['sparse_bandwidth_gb_s']:.1f} GB/s sparse)",
             f"greedy tokens identical over {result['new_tokens']} tokens: {same}",
+            *_busy_line(result["busy"]),
         ]
     )
+
+
+def _busy_line(share: float | None) -> list[str]:
+    if share is None:
+        return []
+    verdict = "quiet" if share < 0.05 else "busy: the timings are not reliable, run it again"
+    return [f"other processes took {share:.0%} of the CPU during the timings ({verdict})"]
 
 
 def run(config: Any) -> int:

@@ -36,6 +36,8 @@ from sparsellm.sparse.vector import (
 # Reassociation lets LLVM vectorise the sums; no nnan/ninf, so NaN and Inf inputs propagate.
 _FLAGS = {"reassoc", "contract", "nsz"}
 _PARALLEL = {"parallel": True, "fastmath": _FLAGS, "cache": True, "nogil": True}
+# Small layers run on the calling thread: waking the thread pool costs more than they take.
+_SERIAL = {"fastmath": _FLAGS, "cache": True, "nogil": True}
 
 
 @intrinsic
@@ -84,6 +86,13 @@ def bitmask_mv(bitmask, values, row_offsets, prefixes, parts, x, y):
             y[r] = bitmask_row_dot(bitmask, values, prefixes, r, row_offsets[r], x)
 
 
+@njit(**_SERIAL)
+def bitmask_mv_serial(bitmask, values, row_offsets, prefixes, x, y):
+    """:func:`bitmask_mv` on the calling thread."""
+    for r in range(bitmask.shape[0]):
+        y[r] = bitmask_row_dot(bitmask, values, prefixes, r, row_offsets[r], x)
+
+
 @njit(**_PARALLEL)
 def bitmask_mm(bitmask, values, row_offsets, prefixes, parts, xq, yt):
     """``yt[tile * rows + r, j] = W[r] . x[8 tile + j]`` for every tile of 8 tokens, ``xq``
@@ -124,6 +133,13 @@ def blocked_mv(values, cols, counts, row_ptr, width, parts, x, y):
     for part in prange(parts.shape[0] - 1):
         for r in range(parts[part], parts[part + 1]):
             y[r] = blocked_row_dot(values, cols, counts, r, row_ptr[r], width, x)
+
+
+@njit(**_SERIAL)
+def blocked_mv_serial(values, cols, counts, row_ptr, width, x, y):
+    """:func:`blocked_mv` on the calling thread."""
+    for r in range(row_ptr.shape[0] - 1):
+        y[r] = blocked_row_dot(values, cols, counts, r, row_ptr[r], width, x)
 
 
 @njit(**_PARALLEL)
@@ -167,6 +183,13 @@ def nm24_mv(values, positions, parts, x, y):
     for part in prange(parts.shape[0] - 1):
         for r in range(parts[part], parts[part + 1]):
             y[r] = nm24_row_dot(values, positions, r, x)
+
+
+@njit(**_SERIAL)
+def nm24_mv_serial(values, positions, x, y):
+    """:func:`nm24_mv` on the calling thread."""
+    for r in range(values.shape[0]):
+        y[r] = nm24_row_dot(values, positions, r, x)
 
 
 @njit(**_PARALLEL)

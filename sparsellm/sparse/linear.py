@@ -11,6 +11,7 @@ every product takes the tile path (decoded with torch) after one warning.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,8 +28,9 @@ LANES = 8  # tokens per tile of the batched kernels (sparsellm.sparse.vector.LAN
 KERNEL_ENV = "SPARSELLM_SPARSE_KERNEL"
 INSTALL_HINT = "pip install 'sparsellm[infer]'"
 TILE_ELEMENTS = 1 << 20  # weights decoded at a time on the tile path (4 MiB of float32)
+SERIAL_BYTES = 1 << 16  # one token on a smaller layer runs on the calling thread
 _OFF = ("0", "false", "no", "off")
-_state: dict[str, Any] = {"kernels": None, "warned": False}
+_state: dict[str, Any] = {"kernels": None, "warned": False, "threads": {}}
 
 
 def _kernels() -> Any:
@@ -81,14 +83,21 @@ def kernel_token_limit(kind: str, density: float) -> int:
     return next(tokens for most, tokens in limit if density <= most)
 
 
-def _threads(kernels: Any) -> int:
-    """numba threads = torch threads (within numba's pool size)."""
-    import numba
+def _threads() -> int:
+    """numba threads = torch threads (within numba's pool size). numba's setting is per
+    calling thread; it is changed only when torch's differs from what was set last."""
+    wanted = torch.get_num_threads()
+    key = (threading.get_ident(), wanted)
+    if key not in _state["threads"]:
+        import numba
 
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
-    return wanted
+        numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
+        # numba's OpenMP layer may share torch's runtime: starting its pool (the first call)
+        # sets that runtime's thread count, torch's too. Give torch its own back.
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+        _state["threads"] = {key: numba.get_num_threads()}
+    return _state["threads"][key]
 
 
 class SparseLinear(nn.Module):
@@ -258,12 +267,15 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        flat = x.detach().reshape(-1, self.in_features).to(torch.float32)
-        y = self._product(flat)
+        flat = x.detach().reshape(-1, self.in_features)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        y = self._product(flat)  # a new float32 tensor: added to in place
         if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+            y += self.bias
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _product(self, flat: Tensor) -> Tensor:
         """``flat @ W^T`` in float32, by the fastest path for its number of tokens."""
@@ -274,7 +286,7 @@ class SparseLinear(nn.Module):
                 _warn_fallback(reason)
             return self._tiles(flat, None)
         kernels = _kernels()
-        threads = _threads(kernels)
+        threads = _threads()
         if tokens == 0:
             return flat.new_zeros(0, self.out_features)
         if tokens == 1:
@@ -340,13 +352,15 @@ class SparseLinear(nn.Module):
 
     def _mv(self, kernels: Any, x: Tensor, threads: int) -> Tensor:
         y = torch.empty(1, self.out_features)
-        parts = self._parts(threads)
         if self.kind == "bitmask":
             x = self._padded_columns(x, 1)
-            kernels.bitmask_mv(*self._arrays(), parts, x.numpy()[0], y.numpy()[0])
+        name = {"bitmask": "bitmask_mv", "nm24": "nm24_mv", "blocked": "blocked_mv"}[self.kind]
+        if self.nbytes < SERIAL_BYTES or threads == 1:
+            getattr(kernels, f"{name}_serial")(*self._arrays(), x.numpy()[0], y.numpy()[0])
         else:
-            run = kernels.nm24_mv if self.kind == "nm24" else kernels.blocked_mv
-            run(*self._arrays(), parts, x.numpy()[0], y.numpy()[0])
+            getattr(kernels, name)(
+                *self._arrays(), self._parts(threads), x.numpy()[0], y.numpy()[0]
+            )
         return y
 
     def _mm(self, kernels: Any, flat: Tensor, threads: int) -> Tensor:
