@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from sparsellm.sparse import layout
 from sparsellm.sparse.layout import Packed
 
-LANES = 8  # tokens per tile of the batched kernels (sparsellm.sparse.vector.LANES)
+LANES = 8  # tokens per tile of the batched kernels (kernels.LANES)
 
 KERNEL_ENV = "SPARSELLM_SPARSE_KERNEL"
 INSTALL_HINT = "pip install 'sparsellm[infer]'"
