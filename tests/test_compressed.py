@@ -16,6 +16,7 @@ from conftest import VOCAB, byte_tokenizer, run_cli, tiny_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import sparsellm
 from sparsellm import load_model, prune_model
 from sparsellm.compressed import (
     CompressedCheckpointError,
@@ -378,6 +379,9 @@ def test_sparse_load_hands_packed_parts_over(monkeypatch, tmp_path, family, targ
     stub = types.ModuleType("sparsellm.sparse")
     stub.SparseLinear = _StubSparseLinear
     monkeypatch.setitem(sys.modules, "sparsellm.sparse", stub)
+    # `import sparsellm.sparse as m` reads the package attribute first: once another test has
+    # imported the real module, only this makes the stub the one found.
+    monkeypatch.setattr(sparsellm, "sparse", stub, raising=False)
     monkeypatch.setattr(_StubSparseLinear, "calls", [])
 
     def never(self, layer):
