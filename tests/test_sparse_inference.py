@@ -19,6 +19,7 @@ from conftest import run_cli, tiny_model
 from sparsellm import prune_model
 from sparsellm.sparse import (
     SparseLinear,
+    fuse_shared_inputs,
     kernel_token_limit,
     kernel_unavailable,
     to_sparse_inference,
@@ -281,13 +282,14 @@ def test_fallback_without_numba(monkeypatch):
 # ----------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
-def test_sparse_model_generates_the_same_tokens(family):
+@pytest.mark.parametrize(("family", "groups"), [("llama", 4), ("gpt2", 0), ("opt", 2)])
+def test_sparse_model_generates_the_same_tokens(family, groups):
     model = tiny_model(family)
     prune_model(model, method="magnitude", sparsity=0.7, progress=False)
     sparse = copy.deepcopy(model)
     swap = to_sparse_inference(sparse)
     assert swap.swapped and not swap.kept_dense
+    assert swap.fused_groups == groups  # q/k/v and gate/up per block; GPT-2's are fused already
     assert swap.sparse_bytes < 0.45 * swap.dense_bytes
     assert sum(isinstance(m, SparseLinear) for m in sparse.modules()) == len(swap.swapped)
     prompt = torch.randint(16, 256, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -295,6 +297,47 @@ def test_sparse_model_generates_the_same_tokens(family):
     sparse_tokens, _ = greedy(sparse, prompt, 16)
     assert sparse_tokens == dense_tokens
     assert weight_bytes_per_token(sparse) < weight_bytes_per_token(model)
+
+
+class Siblings(torch.nn.Module):
+    """Three projections of one input, as attention's q/k/v."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.q, self.k, self.v = layers
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("sparsity", ["0.7", "2:4", "0.9"])
+def test_siblings_decode_in_one_call_and_match(sparsity):
+    weights = [sparse_weight(rows, 96, sparsity, seed=rows) for rows in (40, 24, 24)]
+    biases = [torch.randn(40), None, torch.randn(24)]
+    layers = [SparseLinear.from_dense(w, b) for w, b in zip(weights, biases, strict=True)]
+    model = Siblings(layers)
+    alone = [layer(torch.ones(1, 96)) for layer in layers]  # before grouping
+    assert fuse_shared_inputs(model, torch.randn(1, 1, 96)) == 1
+    group = layers[0].shared
+    assert all(layer.shared is group for layer in layers)
+    storage = group.fused.values.untyped_storage().data_ptr()
+    assert all(layer.values.untyped_storage().data_ptr() == storage for layer in layers)
+    with torch.inference_mode():
+        for _ in range(2):  # a new token each time: recomputed
+            x = torch.randn(1, 1, 96)
+            for y, w, b in zip(model(x), weights, biases, strict=True):
+                assert_matches(
+                    y.reshape(1, -1) - (0 if b is None else b), x.reshape(1, -1), w, 1e-5
+                )
+        x = torch.randn(1, 1, 96)
+        first = layers[1](x)
+        assert torch.equal(layers[1](x), first)  # asked twice: computed again, same
+        assert_matches(
+            layers[2](torch.ones(1, 96)) - biases[2], torch.ones(1, 96), weights[2], 1e-5
+        )
+    for y, y_alone in zip([layer(torch.ones(1, 96)) for layer in layers], alone, strict=True):
+        torch.testing.assert_close(y, y_alone, rtol=1e-5, atol=1e-5)
 
 
 def test_layers_below_min_sparsity_stay_dense():

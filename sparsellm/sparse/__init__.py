@@ -6,11 +6,13 @@ See ``docs/ARCHITECTURE.md``, "Sparse inference", for the layout and the crossov
 """
 
 from sparsellm.sparse.convert import SparseSwap, to_sparse_inference, weight_bytes_per_token
+from sparsellm.sparse.fuse import fuse_shared_inputs
 from sparsellm.sparse.linear import SparseLinear, kernel_token_limit, kernel_unavailable
 
 __all__ = [
     "SparseLinear",
     "SparseSwap",
+    "fuse_shared_inputs",
     "kernel_token_limit",
     "kernel_unavailable",
     "to_sparse_inference",

@@ -20,13 +20,14 @@ class SparseSwap:
     kept_dense: list[str] = field(default_factory=list)
     dense_bytes: int = 0
     sparse_bytes: int = 0
+    fused_groups: int = 0  # sibling groups decoded in one call (sparsellm.sparse.fuse)
 
     def summary(self) -> str:
         ratio = self.sparse_bytes / self.dense_bytes if self.dense_bytes else 0.0
         return (
             f"{len(self.swapped)} layers sparse ({len(self.kept_dense)} left dense): "
             f"{self.dense_bytes / 2**20:.1f} MiB -> {self.sparse_bytes / 2**20:.1f} MiB "
-            f"({ratio:.2f}x)"
+            f"({ratio:.2f}x); {self.fused_groups} groups of siblings decoded in one call"
         )
 
 
@@ -40,11 +41,13 @@ def _layer_bytes(module: nn.Module) -> int:
 
 @torch.no_grad()
 def to_sparse_inference(
-    model: nn.Module, min_sparsity: float = 0.3, *, index: str = "auto"
+    model: nn.Module, min_sparsity: float = 0.3, *, index: str = "auto", fuse: bool = True
 ) -> SparseSwap:
     """Replace, in place, every prunable Linear of the decoder blocks whose fraction of zeros
     is at least ``min_sparsity`` by a :class:`SparseLinear` (GPT-2's ``Conv1D`` included);
-    embeddings and the head stay as they are. Returns what was swapped."""
+    embeddings and the head stay as they are. With ``fuse``, siblings that read the same
+    input are then grouped (:func:`~sparsellm.sparse.fuse.fuse_shared_inputs`, one traced
+    forward of two tokens). Returns what was swapped."""
     from sparsellm.models import get_adapter, linear_weight
 
     adapter = get_adapter(model)
@@ -63,6 +66,10 @@ def to_sparse_inference(
             report.swapped.append(full)
             report.dense_bytes += _layer_bytes(module)
             report.sparse_bytes += sparse.nbytes
+    if fuse and report.swapped:
+        from sparsellm.sparse.fuse import fuse_shared_inputs
+
+        report.fused_groups = fuse_shared_inputs(model)
     return report
 
 

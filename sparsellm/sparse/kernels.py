@@ -375,44 +375,46 @@ def _spread(builder, byte, values, dtype, p, prefixes, permute: bool) -> ir.Valu
     """The 8 weights of a bitmask byte (i32 ``byte``, its first value at ``values[p]``; its
     ``prefixes`` row of the lookup table: lane j's place in the byte's run of values, the
     sign bit set where bit j is clear), zero where the bit is clear."""
-    table = _load_vector(
-        builder, prefixes, builder.mul(builder.zext(byte, _I64), _i64(LANES)), LANES
-    )
-    if permute:  # vpermps reads the low 3 bits of each index
+    row = builder.mul(builder.zext(byte, _I64), _i64(LANES))
+    table = _load_vector(builder, prefixes, row, LANES)
+    if permute:  # vpermps reads the low 3 bits of each index, vblendvps the sign bit
         window = _widen(builder, _load_vector(builder, values, p, LANES), dtype)
-        function_type = ir.FunctionType(_VF, [_VF, ir.VectorType(_I32, LANES)])
-        vpermps = cgutils.get_or_insert_function(
-            builder.module, function_type, "llvm.x86.avx2.permps"
-        )
+        indices = ir.VectorType(_I32, LANES)
+        vpermps = _x86(builder, "llvm.x86.avx2.permps", [_VF, indices])
+        vblendvps = _x86(builder, "llvm.x86.avx.blendv.ps.256", [_VF, _VF, _VF])
         spread = builder.call(vpermps, [window, table])
-    else:
-        spread = ir.Constant(_VF, ir.Undefined)
-        for lane in range(LANES):
-            place = builder.and_(
-                builder.extract_element(table, ir.Constant(_I32, lane)), ir.Constant(_I32, 7)
-            )
-            value = builder.load(builder.gep(values, [builder.add(p, builder.zext(place, _I64))]))
-            spread = builder.insert_element(
-                spread, _widen(builder, value, dtype), ir.Constant(_I32, lane)
-            )
-    # A select on the sign bit: one blend (vblendvps) on x86.
+        return builder.call(vblendvps, [spread, _ZERO, builder.bitcast(table, _VF)])
+    spread = ir.Constant(_VF, ir.Undefined)
+    for lane in range(LANES):
+        place = builder.and_(
+            builder.extract_element(table, ir.Constant(_I32, lane)), ir.Constant(_I32, 7)
+        )
+        value = builder.load(builder.gep(values, [builder.add(p, builder.zext(place, _I64))]))
+        spread = builder.insert_element(
+            spread, _widen(builder, value, dtype), ir.Constant(_I32, lane)
+        )
     clear = builder.icmp_signed("<", table, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
     return builder.select(clear, _ZERO, spread)
 
 
-def _row_bytes(builder, masks, row, nbytes, step, body) -> None:
-    """``body(k, p)`` for each byte ``k`` of ``row`` in order, ``p`` (an alloca) the position
-    of its first value; the byte loop is unrolled by ``step`` (``body`` gets the unroll lane
-    as its third argument, to pick an accumulator)."""
+def _x86(builder: ir.IRBuilder, name: str, arguments: list) -> ir.Function:
+    """An x86 vector intrinsic returning 8 floats (only used where the target has AVX2)."""
+    function_type = ir.FunctionType(_VF, arguments)
+    return cgutils.get_or_insert_function(builder.module, function_type, name)
+
+
+def _row_bytes(builder, masks, row, nbytes, body) -> None:
+    """``body(byte, k, lane)`` for each byte ``k`` of ``row`` in order (``byte`` an i32,
+    ``lane`` = k mod 8, to pick an accumulator): unrolled by 8."""
     first = builder.mul(row, nbytes)
-    whole = builder.and_(nbytes, _i64(-step))
+    whole = builder.and_(nbytes, _i64(-8))
 
     def one(k, lane):
-        byte = builder.zext(builder.load(builder.gep(masks, [builder.add(first, k)])), _I32)
-        body(byte, k, lane)
+        byte = builder.load(builder.gep(masks, [builder.add(first, k)]))
+        body(builder.zext(byte, _I32), k, lane)
 
-    with cgutils.for_range_slice(builder, _i64(0), whole, _i64(step)) as (k, _):
-        for lane in range(step):
+    with cgutils.for_range_slice(builder, _i64(0), whole, _i64(8)) as (k, _):
+        for lane in range(8):
             one(builder.add(k, _i64(lane)), lane)
     with cgutils.for_range_slice(builder, whole, nbytes, _i64(1)) as (k, _):
         one(k, 0)
@@ -443,9 +445,9 @@ def bitmask_row_dot(typingctx, bitmask, values, prefixes, row, start, x):
             p = _advance(builder, position, byte)
             weights = _spread(builder, byte, vals.data, dtype, p, lut.data, permute)
             entries = _load_vector(builder, xs.data, builder.mul(k, _i64(LANES)), LANES)
-            _accumulate(builder, accs[lane], weights, entries)  # four FMA chains
+            _accumulate(builder, accs[lane % 4], weights, entries)  # four FMA chains
 
-        _row_bytes(builder, masks.data, args[3], builder.extract_value(masks.shape, 1), 4, body)
+        _row_bytes(builder, masks.data, args[3], builder.extract_value(masks.shape, 1), body)
         total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST)
         more = builder.fadd(builder.load(accs[2]), builder.load(accs[3]), flags=_FAST)
         return _hsum(builder, builder.fadd(total, more, flags=_FAST))
@@ -480,7 +482,7 @@ def bitmask_row_tile(typingctx, bitmask, values, prefixes, row, start, xq, tile,
                 entries = _load_vector(builder, first, builder.add(block, _i64(LANES * j)), LANES)
                 _accumulate(builder, accs[j], weights, entries)
 
-        _row_bytes(builder, masks.data, args[3], nbytes, 1, body)
+        _row_bytes(builder, masks.data, args[3], nbytes, body)
         for j in range(LANES):
             at = builder.add(builder.mul(args[8], _i64(LANES)), _i64(j))
             builder.store(_hsum(builder, builder.load(accs[j])), builder.gep(ys.data, [at]))
@@ -521,7 +523,7 @@ def widen(typingctx, value):
 def prefix_table() -> np.ndarray:
     """int32 [256, 8]: for a bitmask byte m and lane j, popcount(m & ((1 << j) - 1)) (where
     lane j's value sits in the byte's run of values), with the sign bit set when bit j of m
-    is clear (the kernel zeroes those lanes by the sign: one blend)."""
+    is clear (the kernel zeroes those lanes by the sign). 8 KiB: stays in L1."""
     table = np.zeros((256, 8), dtype=np.int64)
     for m in range(256):
         for j in range(8):

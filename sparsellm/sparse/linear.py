@@ -118,6 +118,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # Tokens up to which the batched kernel runs (None: kernel_token_limit's choice).
         self.kernel_tokens: int | None = None
+        # Siblings reading the same input, decoded in one call (sparsellm.sparse.fuse).
+        self.shared: Any = None
         self._cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------- constructors
@@ -262,11 +264,16 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         self._cache = {}  # buffers may be new tensors (dtype or device moves)
+        self.shared = None  # and no longer views of the siblings' stacked rows
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == self.in_features and x.dtype == torch.float32:
+            y = self._decode_token(x)  # decode: a lean path (Python costs show at this size)
+            if y is not None:
+                return y
         flat = x.detach().reshape(-1, self.in_features)
         if flat.dtype != torch.float32:
             flat = flat.float()
@@ -277,26 +284,65 @@ class SparseLinear(nn.Module):
             y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _decode_token(self, x: Tensor) -> Tensor | None:
+        """One float32 token on the CPU straight through numpy (``None``: not applicable)."""
+        if not (x.is_cpu and x.is_contiguous()) or x.requires_grad:
+            return None
+        if self._kernels_or_none() is None:
+            return None
+        shape = self._cache.get(("shape", x.dim())) or self._out_shape(x.dim())
+        if self.shared is not None:
+            output = self.shared.output(self, x)
+            if output is not None:
+                return torch.from_numpy(output.reshape(shape))
+        threads = _threads()
+        kernel, arguments = self._cache.get(("mv", threads)) or self._mv_plan(threads)
+        column = x.numpy().reshape(-1)
+        if self.kind == "bitmask" and self.in_features % 8:
+            column = np.concatenate([column, np.zeros(8 - self.in_features % 8, np.float32)])
+        y = np.empty(shape, dtype=np.float32)
+        kernel(*arguments, column, y.reshape(-1))
+        if self.bias is not None:
+            y += self._bias32()
+        return torch.from_numpy(y)
+
+    def _out_shape(self, dims: int) -> tuple[int, ...]:
+        """The output shape of one token given as ``dims`` dimensions (leading ones)."""
+        self._cache["shape", dims] = (1,) * (dims - 1) + (self.out_features,)
+        return self._cache["shape", dims]
+
+    def _bias32(self) -> np.ndarray:
+        if "bias" not in self._cache:
+            self._cache["bias"] = self.bias.to(torch.float32).numpy()
+        return self._cache["bias"]
+
     def _product(self, flat: Tensor) -> Tensor:
         """``flat @ W^T`` in float32, by the fastest path for its number of tokens."""
         tokens = flat.shape[0]
-        reason = kernel_unavailable()
-        if reason is not None or flat.device.type != "cpu":
-            if reason is not None:
-                _warn_fallback(reason)
+        kernels = self._kernels_or_none()
+        if kernels is None or flat.device.type != "cpu":
             return self._tiles(flat, None)
-        kernels = _kernels()
         threads = _threads()
+        if tokens == 1:  # decode: the hot path, its kernel and arguments looked up once
+            return self._mv(flat, threads)
         if tokens == 0:
             return flat.new_zeros(0, self.out_features)
-        if tokens == 1:
-            return self._mv(kernels, flat.contiguous(), threads)
         limit = self.kernel_tokens
         if limit is None:
             limit = kernel_token_limit(self.kind, self.density)
         if tokens <= limit:
             return self._mm(kernels, flat, threads)
         return self._tiles(flat, kernels)
+
+    def _kernels_or_none(self) -> Any:
+        """The kernels module, or ``None`` after one warning when they cannot run (decided on
+        the module's first product: ``SPARSELLM_SPARSE_KERNEL`` is read then)."""
+        if "kernels" not in self._cache:
+            reason = kernel_unavailable()
+            if reason is not None:
+                _warn_fallback(reason)
+            self._cache["kernels"] = None if reason is not None else _kernels()
+        return self._cache["kernels"]
 
     def _arrays(self) -> tuple[Any, ...]:
         """The buffers as numpy arrays, in the kernels' argument order (cached until the next
@@ -350,18 +396,25 @@ class SparseLinear(nn.Module):
         padded[: flat.shape[0], : self.in_features] = flat
         return padded
 
-    def _mv(self, kernels: Any, x: Tensor, threads: int) -> Tensor:
-        y = torch.empty(1, self.out_features)
+    def _mv(self, x: Tensor, threads: int) -> Tensor:
+        kernel, arguments = self._cache.get(("mv", threads)) or self._mv_plan(threads)
         if self.kind == "bitmask":
             x = self._padded_columns(x, 1)
+        y = np.empty(self.out_features, dtype=np.float32)
+        kernel(*arguments, x.numpy()[0], y)
+        return torch.from_numpy(y).view(1, self.out_features)
+
+    def _mv_plan(self, threads: int) -> tuple[Any, tuple]:
+        """The one-token kernel and its leading arguments: on the calling thread for a small
+        layer (waking the thread pool costs more than it saves), else rows split by threads."""
+        kernels = self._cache["kernels"]
         name = {"bitmask": "bitmask_mv", "nm24": "nm24_mv", "blocked": "blocked_mv"}[self.kind]
         if self.nbytes < SERIAL_BYTES or threads == 1:
-            getattr(kernels, f"{name}_serial")(*self._arrays(), x.numpy()[0], y.numpy()[0])
+            plan = (getattr(kernels, f"{name}_serial"), self._arrays())
         else:
-            getattr(kernels, name)(
-                *self._arrays(), self._parts(threads), x.numpy()[0], y.numpy()[0]
-            )
-        return y
+            plan = (getattr(kernels, name), (*self._arrays(), self._parts(threads)))
+        self._cache["mv", threads] = plan
+        return plan
 
     def _mm(self, kernels: Any, flat: Tensor, threads: int) -> Tensor:
         tokens, lanes = flat.shape[0], LANES
