@@ -5,6 +5,9 @@ evaluation is *block-streamed* like pruning: the decoder blocks visit the device
 and every window's hidden states move through each block before the next one loads, so a model
 far larger than the device can be scored; the model's own head code (final norm, lm_head, any
 logit scaling) then runs with the blocks replaced by stand-ins that hand on the final states.
+
+:func:`record_evaluation` adds perplexities and lm-eval task scores (:mod:`sparsellm.lm_tasks`)
+to a report JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsellm.distributed import all_reduce_sum_, shard, world
+from sparsellm.errors import UserError
 
 if TYPE_CHECKING:
     from sparsellm.engine import BlockStore
@@ -198,3 +203,40 @@ def windows_perplexity(model: torch.nn.Module, windows: torch.Tensor, **options:
     ``progress``, ``streamed``, ``across_ranks``, ``store``)."""
     nll, count = windows_nll(model, windows, **options)
     return math.exp(nll / count)
+
+
+def record_evaluation(
+    path: str | Path,
+    model: str,
+    perplexity: dict[str, dict[str, Any]] | None = None,
+    tasks: dict[str, Any] | None = None,
+) -> Path:
+    """Add evaluation results to the JSON report ``path`` (created when absent) under
+    ``"evaluation"``: ``perplexity`` by dataset and lm-eval ``tasks`` by name, merged with
+    what an earlier evaluation put there. The file is replaced in one rename."""
+    import json
+    import os
+
+    path = Path(path)
+    report: dict[str, Any] = {"model": model}
+    if path.is_file():
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"report {str(path)!r} is not JSON: {exc}") from None
+        if not isinstance(report, dict):
+            raise UserError(f"report {str(path)!r} does not hold a JSON object")
+    entry = report.setdefault("evaluation", {})
+    if perplexity:
+        entry.setdefault("perplexity", {}).update(perplexity)
+    if tasks:
+        entry.setdefault("tasks", {}).update(tasks.get("tasks", {}))
+        entry["lm_eval_version"] = tasks.get("lm_eval_version", "")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"cannot write report {str(path)!r}: {exc.strerror or exc}") from None
+    return path
