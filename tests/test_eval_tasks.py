@@ -225,3 +225,27 @@ def test_without_lm_eval_one_line_says_how_to_install(capsys, model_dir, monkeyp
     code, _, err = run_cli(capsys, "eval", "--model", model_dir, "--tasks", "sotu_lastword")
     assert code == 2
     assert err.count("\n") == 1 and "pip install 'sparsellm[eval]'" in err
+
+
+def test_a_compressed_checkpoint_scores_as_the_pruned_model_in_memory(
+    lm_eval, capsys, tmp_path, tokenizer
+):
+    import sparsellm.compressed  # noqa: F401  (registers the compressed format)
+    from sparsellm import prune_model
+    from sparsellm.lm_tasks import evaluate_tasks
+    from sparsellm.saving import save_model
+
+    model = tiny_model("llama")
+    prune_model(model, None, method="magnitude", sparsity=0.6, progress=False, device="cpu")
+    output = tmp_path / "compressed"
+    save_model(model, tokenizer, output, save_format="compressed")
+    assert "sparsellm_compression" in (output / "config.json").read_text()
+    report = tmp_path / "scores.json"
+    code, _, err = run_cli(
+        capsys, "eval", "--model", output, "--tasks", "sotu_continuation", "--limit", 6,
+        "--report", report, "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    scored = json.loads(report.read_text())["evaluation"]["tasks"]["sotu_continuation"]
+    own = evaluate_tasks(model, tokenizer, ["sotu_continuation"], limit=6, progress=False)
+    assert scored["metrics"] == own.tasks["sotu_continuation"]["metrics"]
