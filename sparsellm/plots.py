@@ -52,7 +52,7 @@ def sweep_plot(
     dense = next((row for row in rows if row["method"] == "dense"), None)
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dense"))
     for ax, column in zip(axes[0], columns, strict=True):
-        for method in methods:
+        for index, method in enumerate(methods):
             points = sorted(
                 (float(row["sparsity"]) * 100, float(row[column]))
                 for row in rows
@@ -60,7 +60,7 @@ def sweep_plot(
             )
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=method)
+                ax.plot(xs, ys, marker="o", label=method, color=f"C{index}")  # one per method
         if dense is not None and _finite(_float(dense.get(column))):
             ax.axhline(float(dense[column]), color="grey", linestyle="--", label="dense")
         if column == "perplexity":
@@ -94,12 +94,13 @@ def depth_plot(
         ("output_error", "block output error", True),
     )
     figure, axes = plt.subplots(len(panels), 1, figsize=(9.0, 8.0), sharex=True)
-    for label, blocks in outputs:
+    for index, (label, blocks) in enumerate(outputs):
         for ax, (key, _, _) in zip(axes, panels, strict=True):
             points = [(b["block"], b[key]) for b in blocks if _finite(b.get(key))]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker=".", label=label)
+                # one colour per output in every panel (a panel may lack some outputs)
+                ax.plot(xs, ys, marker=".", label=label, color=f"C{index}")
         fallbacks = [(b["block"], b["output_error"]) for b in blocks if b.get("fallback")]
         if fallbacks:
             xs, ys = zip(*fallbacks, strict=True)
