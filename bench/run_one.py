@@ -72,7 +72,7 @@ def prune_offloaded(args: argparse.Namespace, calib: torch.Tensor, options: dict
 
     offloaded = OffloadedModel(args.model, "float32")
     if args.method == "dense":
-        return offloaded, offloaded.source_store(), None
+        return offloaded, offloaded.source_store(), None, None
     # Not created here: the writer stages a sibling and renames it only on finish().
     output = args.output or Path(tempfile.gettempdir()) / f"offload-bench-{os.getpid()}"
     values = dict(options, method=args.method, sparsity=args.sparsity, pattern=args.pattern)
@@ -80,9 +80,11 @@ def prune_offloaded(args: argparse.Namespace, calib: torch.Tensor, options: dict
     config = prune_config({k: v for k, v in values.items() if v is not None}, require_io=False)
     store = offloaded.pruning_store(output)
     started = time.perf_counter()
-    prune(offloaded.model, None, config, calibration_ids=calib, progress=False, store=store)
+    report = prune(
+        offloaded.model, None, config, calibration_ids=calib, progress=False, store=store
+    )
     seconds = time.perf_counter() - started
-    return offloaded, offloaded.output_store(), seconds
+    return offloaded, offloaded.output_store(), seconds, report
 
 
 def time_solves() -> list[float]:
@@ -147,16 +149,16 @@ def main() -> None:
 
     main_rank = join_ranks()
     solve_seconds = time_solves()
-    store = offloaded = None
+    store = offloaded = report = None
     prune_seconds = None
     if args.offload == "disk":
-        offloaded, store, prune_seconds = prune_offloaded(args, calib, options)
+        offloaded, store, prune_seconds, report = prune_offloaded(args, calib, options)
         model = offloaded.model
     else:
         model, _ = load_model_and_tokenizer(args.model or bundled_gguf(), "float32")
     if args.method != "dense" and store is None:
         started = time.perf_counter()
-        prune_model(
+        report = prune_model(
             model,
             sparsity=args.sparsity,
             pattern=args.pattern,
@@ -194,6 +196,9 @@ def main() -> None:
                 "prune_peak_rss_mb": prune_peak_mb,
                 "solve_seconds": solve_seconds[0],
                 "ranks": int(os.environ.get("WORLD_SIZE", "1")),
+                # --option allocation=...: the rule's summary (bounds, spread of the layers)
+                "allocation": getattr(report, "allocation", None),
+                "allocation_seconds": getattr(report, "timings", {}).get("allocation"),
             }
         ),
         flush=True,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sparsellm.allocation import allocator
 from sparsellm.config import PruneConfig, prune_config
 from sparsellm.data import calibration_windows, evaluation_windows
 from sparsellm.distributed import shard, world
@@ -47,7 +48,8 @@ def prune_model(
         model: a ``transformers`` causal LM, on the host or the device; only one block at a
             time is moved to ``device``.
         tokenizer: needed when ``calibration`` is text rather than token ids.
-        sparsity: fraction of zeros per layer (default 0.5 unless ``pattern`` is given).
+        sparsity: fraction of zeros over the pruned layers (default 0.5 unless ``pattern`` is
+            given); each layer's with the default ``allocation="uniform"``.
         pattern: ``"N:M"``: keep at most N of every M consecutive input weights.
         method: a registered method (:data:`sparsellm.pruners.METHODS`): ``magnitude``,
             ``wanda``, ``sparsegpt`` (local, layer by layer) or ``sparsellm`` (global:
@@ -56,7 +58,9 @@ def prune_model(
             tensor ``[n, seqlen]`` of token ids.
         progress: show tqdm progress bars.
         **options: any other setting of :class:`~sparsellm.config.PruneConfig` (``nsamples``,
-            ``seqlen``, ``seed``, ``device``, ``batch_size``, ``skip``, ``guard``) and the
+            ``seqlen``, ``seed``, ``device``, ``batch_size``, ``skip``, ``guard``;
+            ``allocation`` ``"uniform"``/``"owl"``/``"error"`` and ``allocation_spread``: the
+            per-layer sparsities, see :mod:`sparsellm.allocation`) and the
             method's own options (``dampening``, ``blocksize``; for ``sparsellm`` also
             ``epochs``, ``alpha``, ``beta``, ``gamma``). Unknown names raise ``ConfigError``.
     """
@@ -98,7 +102,7 @@ def prune(
         config=config.to_dict(),
     )
     windows = None
-    if method.needs_calibration:
+    if config.uses_calibration:
         windows = _calibration(tokenizer, config, calibration_ids, report)
     device = default_device(config.device)
     engine_options = EngineOptions(
@@ -114,7 +118,21 @@ def prune(
     started = time.perf_counter()
     pruner = method.build(config.options)
     fallback = fallback_pruner(method.name, config.options)
-    prune_blocks(model, adapter, windows, pruner, config.target(), engine_options, report, fallback)
+    rule = allocator(config.allocation, config.target(), config.allocation_spread)
+    prune_blocks(
+        model,
+        adapter,
+        windows,
+        pruner,
+        config.target(),
+        engine_options,
+        report,
+        fallback,
+        data_free=not method.needs_calibration,
+        allocator=rule,
+    )
+    if rule is not None:
+        report.set_allocation(rule.allocation.summary(), rule.allocation.layers)
     report.timings["prune"] = time.perf_counter() - started
     report.finish()
     return report

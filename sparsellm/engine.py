@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -115,9 +116,17 @@ class BlockJob:
     adapter: Adapter
     target: SparsityTarget
     options: EngineOptions
+    # Per-layer sparsities by relative name (an allocation rule's); None: ``target`` for all.
+    sparsities: dict[str, float] | None = None
 
     def full_name(self, relative: str) -> str:
         return f"{self.adapter.block_name(self.index)}.{relative}"
+
+    def target_of(self, relative: str) -> SparsityTarget:
+        """What layer ``relative`` is pruned to: its allocated sparsity, else the target."""
+        if self.sparsities is None or relative not in self.sparsities:
+            return self.target
+        return SparsityTarget(sparsity=self.sparsities[relative])
 
     def forward(self, collect: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
         """The block over every calibration batch (see :meth:`BlockInputs.run`)."""
@@ -126,6 +135,19 @@ class BlockJob:
 
 # A block pruner rewrites the weights of ``job.layers`` and says what it did.
 BlockPruner = Callable[[BlockJob], BlockResult]
+
+
+class SparsityAllocator(Protocol):
+    """An allocation rule's collector: :func:`dense_pass` shows it every dense block, then it
+    says each layer's sparsity (:mod:`sparsellm.allocation`)."""
+
+    def visit(self, job: BlockJob, keep_outputs: bool) -> list[torch.Tensor]:
+        """Read what it needs of the dense block; its outputs (host) when ``keep_outputs``."""
+        ...
+
+    def sparsities(self) -> dict[str, float]:
+        """Each prunable layer's sparsity by full name, once every block was visited."""
+        ...
 
 
 def block_output(out: object) -> torch.Tensor:
@@ -257,11 +279,14 @@ def stream_blocks(
     store: BlockStore | None = None,
     start: int = 0,
     released: Callable[[int, nn.Module], None] | None = None,
+    keep: bool = True,
 ) -> Iterator[tuple[int, nn.Module, tqdm]]:
     """Each decoder block in order from ``start``, fetched to ``device`` from ``store`` while
-    the caller works on it and released afterwards: the one loop by which pruning and streamed
-    evaluation visit blocks. ``released(index, block)`` runs once a visit that ended normally
-    is released (an offloaded block's shard is written by then)."""
+    the caller works on it and released afterwards: the one loop by which pruning, the dense
+    pre-pass and streamed evaluation visit blocks. ``released(index, block)`` runs once a visit
+    that ended normally is released (an offloaded block's shard is written by then).
+    ``keep=False``: the visits change nothing worth keeping (the dense pre-pass), so a store
+    that writes blocks drops them instead."""
     store = store or BlockStore()
     blocks = adapter.blocks()
     rest = blocks[start:]
@@ -274,7 +299,7 @@ def stream_blocks(
             except BaseException:
                 store.release(index, block, completed=False)
                 raise
-            store.release(index, block, completed=True)
+            store.release(index, block, completed=keep)
             if released is not None:
                 released(index, block)
 
@@ -290,6 +315,37 @@ def _prunable(
     }
 
 
+def dense_pass(
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    target: SparsityTarget,
+    options: EngineOptions,
+    allocator: SparsityAllocator,
+) -> None:
+    """Stream the dense blocks over the calibration ``windows`` once, showing each (with its
+    inputs and ``--skip``'s prunable layers) to ``allocator``; nothing is pruned or written.
+
+    Memory is the pruning pass's: one block on the device, one block's inputs on the host
+    (captured here and replaced by the block's dense outputs as the pass goes on).
+    """
+    skip = re.compile(options.skip) if options.skip else None
+    inputs = capture_block_inputs(model, adapter, windows, options)
+    last = len(adapter.blocks()) - 1
+    blocks = stream_blocks(
+        adapter, options.device, "allocating sparsity", options.progress, options.store, keep=False
+    )
+    with contextlib.closing(blocks):
+        for index, block, _ in blocks:
+            layers = _prunable(adapter, block, index, skip)
+            job = BlockJob(index, block, layers, inputs, adapter, target, options)
+            outputs = allocator.visit(job, keep_outputs=index < last)
+            if index < last:
+                inputs.hidden = outputs
+            del job, outputs
+            return_freed_memory()
+
+
 def prune_blocks(
     model: nn.Module,
     adapter: Adapter,
@@ -299,22 +355,37 @@ def prune_blocks(
     options: EngineOptions,
     report: PruneReport,
     fallback: BlockPruner | None = None,
+    *,
+    data_free: bool = False,
+    allocator: SparsityAllocator | None = None,
 ) -> None:
     """Prune every decoder block in order with ``prune_block``, guarded by ``fallback``.
 
     ``windows`` [n, seqlen] are calibration token ids; ``None`` for data-free methods, which
     then skip all forward passes (and the divergence guard, which needs outputs).
+    ``data_free``: the pruner needs no data although ``windows`` are given (they serve the
+    ``allocator`` alone). ``allocator`` sees every dense block in a :func:`dense_pass` before
+    anything is pruned, then gives each layer's sparsity, which the block pruners receive as
+    ``BlockJob.sparsities``.
     """
     from sparsellm.guard import prune_guarded
     from sparsellm.layout import check_block_chain
     from sparsellm.resume import block_entry
 
     skip = re.compile(options.skip) if options.skip else None
-    inputs = None
+    inputs, sparsities = None, None
     if windows is not None:
         ids = windows[:1, :CHAIN_CHECK_TOKENS]
         check_block_chain(model, adapter.blocks(), ids, options.store)
-        inputs = capture_block_inputs(model, adapter, windows, options)
+        if allocator is not None:  # before --resume restores anything: the dense model's
+            started = time.perf_counter()
+            dense_pass(model, adapter, windows, target, options, allocator)
+            sparsities = allocator.sparsities()
+            report.timings["allocation"] = time.perf_counter() - started
+        if data_free:
+            windows = None
+        else:
+            inputs = capture_block_inputs(model, adapter, windows, options)
     last = len(adapter.blocks()) - 1
     record = options.record
     start, previous_error = 0, None
@@ -336,6 +407,9 @@ def prune_blocks(
         for index, block, bar in blocks:
             layers = _prunable(adapter, block, index, skip)
             job = BlockJob(index, block, layers, inputs, adapter, target, options)
+            if sparsities is not None:
+                prefix = f"{adapter.block_name(index)}."
+                job.sparsities = {name: sparsities[prefix + name] for name in layers}
             result = prune_guarded(job, prune_block, fallback, previous_error)
             report.add_block(index, result)
             if record is not None:

@@ -244,10 +244,9 @@ def check_prune_inputs(config: PruneConfig, offload: bool = False) -> None:
     (token tensors are used as they are). Raises the one-line ``UserError`` the run would
     raise later, or instead of the traceback it would end in."""
     from sparsellm.data import calibration_windows, evaluation_windows
-    from sparsellm.pruners import get_method
 
     model_config = check_model_source(config.model, config.allow_pickle, config.trust_remote_code)
-    calibrated = get_method(config.method).needs_calibration
+    calibrated = config.uses_calibration
     text_calibration = calibrated and not config.calibration.endswith(".pt")
     eval_seqlen = config.eval_seqlen or config.seqlen
     if text_calibration:

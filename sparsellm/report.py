@@ -24,6 +24,10 @@ class LayerReport:
     relative_error: float | None = None  # ‖(W−Ŵ)X‖² / ‖WX‖² on the calibration inputs
     damping: float | None = None
     damping_retries: int = 0
+    # --allocation owl|error: the sparsity the rule gave this layer and its score (owl: the
+    # block's outlier ratio; error: the layer's relative diagonal error at the target)
+    allocated: float | None = None
+    allocation_score: float | None = None
 
 
 @dataclass
@@ -73,6 +77,16 @@ class PruneReport:
     timings: dict[str, float] = field(default_factory=dict)
     perplexity: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None  # the rule's summary (None: uniform)
+
+    def set_allocation(self, summary: dict[str, Any], layers: dict[str, Any]) -> None:
+        """Take a non-uniform allocation: its summary, and each layer row's sparsity and score
+        (``layers``: :class:`~sparsellm.allocation.LayerAllocation` by full name)."""
+        self.allocation = summary
+        for row in self.layers:
+            if row.name in layers:
+                row.allocated = layers[row.name].sparsity
+                row.allocation_score = layers[row.name].score
 
     def add_block(self, index: int, result: BlockResult) -> None:
         """Take one block's result: its layer rows, its summary row and its notes."""
@@ -138,6 +152,7 @@ class PruneReport:
                 "sparsity": self.sparsity,
                 "layers_needing_more_damping": retries,
             },
+            "allocation": self.allocation or {"rule": "uniform"},
             "perplexity": self.perplexity,
             "timings_seconds": self.timings,
             "notes": self.notes,
@@ -156,6 +171,8 @@ class PruneReport:
             f"{len(self.layers)} layers, {self.sparsity:.2%} zeros "
             f"({self.zeros:,} of {self.numel:,} weights)",
         ]
+        if self.allocation is not None:
+            lines.append(_allocation_line(self))
         errors = [x.relative_error for x in self.layers if x.relative_error is not None]
         if errors:
             lines.append(
@@ -172,6 +189,19 @@ class PruneReport:
             )
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _allocation_line(report: PruneReport) -> str:
+    """How the layers' sparsities spread, the extremes named."""
+    allocation = report.allocation
+    rows = [row for row in report.layers if row.allocated is not None]
+    low = min(rows, key=lambda row: row.sparsity)
+    high = max(rows, key=lambda row: row.sparsity)
+    return (
+        f"allocation {allocation['rule']} (spread {allocation['spread']:g}): layers from "
+        f"{low.sparsity:.2%} ({low.name}) to {high.sparsity:.2%} ({high.name}); each layer's "
+        "sparsity and score are in sparsity_report.json"
+    )
 
 
 def _ranges(indices: list[int]) -> str:

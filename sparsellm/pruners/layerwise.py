@@ -151,7 +151,7 @@ def _solve_group(
     try:
         for name in names:
             original = linear_weight(job.layers[name]).detach().to(torch.float32, copy=True)
-            results[name] = solve(original, stats.get(name), job.target)
+            results[name] = solve(original, stats.get(name), job.target_of(name))
     except NumericalError as exc:
         if not shared:
             raise

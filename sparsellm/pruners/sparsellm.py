@@ -27,6 +27,7 @@ from torch import nn
 from sparsellm.distributed import all_reduce_sum_, ranks, world
 from sparsellm.engine import BlockJob, BlockPruner, block_shape
 from sparsellm.layout import Layout, check_layout, first_windows
+from sparsellm.masks import SparsityTarget
 from sparsellm.memory import host_empty, to_host
 from sparsellm.models import FeedForward, linear_weight
 from sparsellm.pruners.layerwise import collect_statistics, solve_layers, write_solution
@@ -195,7 +196,7 @@ def _solve_ffn(
         result = sparsellm_ffn(
             data.X,
             data.target,
-            target=job.target,
+            target=_ffn_targets(job, ffn),
             activation=ffn.activation,
             chunk_size=chunk,
             device=device,
@@ -212,6 +213,15 @@ def _solve_ffn(
     # No broadcast here: each weight step was solved on one rank and broadcast from there
     # (``ranks``), so every rank already holds the same final weights, bit for bit.
     return originals, new, result
+
+
+def _ffn_targets(job: BlockJob, ffn: FeedForward) -> dict[str, SparsityTarget]:
+    """Each FFN matrix's target by the solver's names (a fused gate-up layer's halves both
+    take the layer's)."""
+    targets = {"up": job.target_of(ffn.up), "down": job.target_of(ffn.down)}
+    if ffn.gate or ffn.fused_gate_up:
+        targets["gate"] = job.target_of(ffn.gate or ffn.up)
+    return targets
 
 
 def _as_batches(rows: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ def sparsellm_ffn(
     up_bias: Tensor | None,
     down: Tensor,
     down_bias: Tensor | None,
-    target: SparsityTarget,
+    target: SparsityTarget | Mapping[str, SparsityTarget],
     *,
     gate: Tensor | None = None,
     gate_bias: Tensor | None = None,
@@ -67,7 +68,8 @@ def sparsellm_ffn(
             output), tokens as rows, any float dtype (computed in float32).
         up, up_bias, down, down_bias: W1 ``[f, d]`` and b1 ``[f]`` (the only input projection
             of a plain FFN), W2 ``[d, f]`` and b2 ``[d]``.
-        target: sparsity (unstructured, exact count per matrix) or N:M for every weight.
+        target: sparsity (unstructured, exact count per matrix) or N:M for every weight, or
+            one target per matrix by name (``"up"``, ``"down"``, ``"gate"``).
         gate, gate_bias: Wg ``[f, d]``, bg ``[f]`` of a gated FFN, which computes
             ``act(X Wgᵀ + bg) ⊙ (X W1ᵀ + b1)``; without them the FFN is ``act(X W1ᵀ + b1)``.
         activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` (aliases ``gelu_new``,
@@ -143,12 +145,25 @@ def _build_problem(
         down_bias=bias["down"],
         gate_bias=bias["gate"],
         act=act,
-        target=target,
+        targets=_targets(target, weights),
         device=device,
         chunks=[(i, min(i + chunk_size, N)) for i in range(0, N, chunk_size)],
         hidden_blocks=gram_blocks(dense["up"].shape[0]),
         **work,
     )
+
+
+def _targets(
+    target: SparsityTarget | Mapping[str, SparsityTarget], weights: dict[str, Tensor | None]
+) -> dict[str, SparsityTarget]:
+    """One target per matrix the FFN has."""
+    names = [name for name, weight in weights.items() if weight is not None]
+    if isinstance(target, SparsityTarget):
+        return dict.fromkeys(names, target)
+    missing = [name for name in names if name not in target]
+    if missing:
+        raise ValueError(f"no sparsity target for {', '.join(missing)}")
+    return {name: target[name] for name in names}
 
 
 def _check_shapes(
@@ -223,10 +238,10 @@ def _result(
     out_device: torch.device,
 ) -> FFNSolveResult:
     """The final weights on ``out_device`` with the record, after checking their sparsity."""
-    _check_sparsity("up", state.up, problem.target)
-    _check_sparsity("down", state.down, problem.target)
+    _check_sparsity("up", state.up, problem.targets["up"])
+    _check_sparsity("down", state.down, problem.targets["down"])
     if problem.gated:
-        _check_sparsity("gate", state.gate, problem.target)
+        _check_sparsity("gate", state.gate, problem.targets["gate"])
     penalties = state.penalties
     return FFNSolveResult(
         up=state.up.to(out_device),

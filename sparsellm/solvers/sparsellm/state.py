@@ -128,7 +128,7 @@ class FFNProblem:
     down_bias: Tensor | None  # b2 [d]
     gate_bias: Tensor | None  # bg [f]
     act: Activation
-    target: SparsityTarget
+    targets: dict[str, SparsityTarget]  # by matrix: "up", "down" (and "gate")
     device: torch.device
     chunks: list[tuple[int, int]]  # token ranges of one pass over the data
     hidden_blocks: list[tuple[int, int]]  # Gram blocks over the f hidden features

@@ -56,7 +56,7 @@ def _local_steps(
     steps = sparse_ls_steps(
         gram,
         weights,
-        problem.target,
+        problem.targets,
         inverse=inverse,
         dampening=problem.dampening,
         blocksize=problem.blocksize,

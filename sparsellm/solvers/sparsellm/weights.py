@@ -17,6 +17,7 @@ a minimiser, so this is what makes the weight step monotone.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -137,7 +138,7 @@ def masked_pcg(W: Tensor, keep: Tensor, gram: Tensor, cross: Tensor, iters: int)
 def sparse_ls_steps(
     gram: Tensor,
     problems: list[WeightProblem],
-    target: SparsityTarget,
+    targets: Mapping[str, SparsityTarget],
     *,
     inverse: Tensor,
     dampening: float,
@@ -156,7 +157,12 @@ def sparse_ls_steps(
     for pb in problems:
         dense = anchored_ls(pb.anchor, gram, pb.cross, inverse)
         res = obs_prune(
-            dense, gram, target, blocksize=blocksize, dampening=dampening, factor=factor
+            dense,
+            gram,
+            targets[pb.name],
+            blocksize=blocksize,
+            dampening=dampening,
+            factor=factor,
         )
         del dense
         if not torch.isfinite(res.weight).all():
