@@ -226,6 +226,12 @@ def nm24_row_dot(typingctx, values, positions, row, x):
         acc = cgutils.alloca_once_value(builder, _ZERO)
         full = builder.and_(half, _i64(-LANES))
         with cgutils.for_range_slice(builder, _i64(0), full, _i64(LANES)) as (t, _):
+            ahead = builder.add(first, builder.add(t, _i64(PREFETCH_VALUES)))
+            _prefetch(builder, builder.gep(vals.data, [ahead]))
+            ahead = builder.add(
+                pos_first, builder.add(builder.lshr(t, _i64(2)), _i64(PREFETCH_MASK))
+            )
+            _prefetch(builder, builder.gep(pos.data, [ahead]))
             row_values = _load_vector(builder, vals.data, builder.add(first, t), LANES)
             columns = _nm24_columns(builder, pos.data, pos_first, t)
             _accumulate(
@@ -420,6 +426,22 @@ def _row_bytes(builder, masks, row, nbytes, body) -> None:
         one(k, 0)
 
 
+# Software prefetch distances of the one-token bitmask kernel (elements ahead of the read).
+PREFETCH_VALUES = 1024
+PREFETCH_MASK = 1024
+
+
+def _prefetch(builder: ir.IRBuilder, pointer: ir.Value) -> None:
+    """A read prefetch of ``pointer``'s cache line (a hint: never faults, even past the end)."""
+    i8p = ir.IntType(8).as_pointer()
+    function_type = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+    prefetch = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0i8")
+    address = builder.bitcast(pointer, i8p)
+    builder.call(
+        prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)]
+    )
+
+
 def _advance(builder, position, byte) -> ir.Value:
     """The position of the byte's first value; moves ``position`` past its values."""
     p = builder.load(position)
@@ -440,14 +462,21 @@ def bitmask_row_dot(typingctx, bitmask, values, prefixes, row, start, x):
         permute, dtype = permute_available(context), sig.args[1].dtype
         accs = [cgutils.alloca_once_value(builder, _ZERO) for _ in range(4)]
         position = cgutils.alloca_once_value(builder, args[4])
+        nbytes = builder.extract_value(masks.shape, 1)
 
         def body(byte, k, lane):
             p = _advance(builder, position, byte)
+            if lane == 0:  # once per 64 columns: ask for the values and mask bytes ahead
+                _prefetch(builder, builder.gep(vals.data, [builder.add(p, _i64(PREFETCH_VALUES))]))
+                ahead = builder.add(
+                    builder.mul(args[3], nbytes), builder.add(k, _i64(PREFETCH_MASK))
+                )
+                _prefetch(builder, builder.gep(masks.data, [ahead]))
             weights = _spread(builder, byte, vals.data, dtype, p, lut.data, permute)
             entries = _load_vector(builder, xs.data, builder.mul(k, _i64(LANES)), LANES)
             _accumulate(builder, accs[lane % 4], weights, entries)  # four FMA chains
 
-        _row_bytes(builder, masks.data, args[3], builder.extract_value(masks.shape, 1), body)
+        _row_bytes(builder, masks.data, args[3], nbytes, body)
         total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST)
         more = builder.fadd(builder.load(accs[2]), builder.load(accs[3]), flags=_FAST)
         return _hsum(builder, builder.fadd(total, more, flags=_FAST))
