@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsellm.engine import BlockPruner
-from sparsellm.pruners import magnitude, sparsegpt, sparsellm, wanda
+from sparsellm.pruners import admm, magnitude, sparsegpt, sparsellm, wanda
 from sparsellm.pruners.registry import (
     METHODS,
     Method,
@@ -24,6 +24,7 @@ register(magnitude.METHOD)
 register(wanda.METHOD)
 register(sparsegpt.METHOD)
 register(sparsellm.METHOD)
+register(admm.METHOD)
 
 FALLBACK = "sparsegpt"  # what the divergence guard re-does a diverging block with
 

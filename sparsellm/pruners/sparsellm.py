@@ -17,7 +17,6 @@ Per block:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -30,23 +29,33 @@ from sparsellm.layout import Layout, check_layout, first_windows
 from sparsellm.masks import SparsityTarget
 from sparsellm.memory import host_empty, to_host
 from sparsellm.models import FeedForward, linear_weight
+from sparsellm.pruners.admm import ADMMOptions
 from sparsellm.pruners.layerwise import collect_statistics, solve_layers, write_solution
 from sparsellm.pruners.registry import Method
 from sparsellm.pruners.sparsegpt import SparseGPTOptions
 from sparsellm.report import BlockResult
 from sparsellm.settings import setting
 from sparsellm.solvers import LayerStatistics, Statistic, sparsegpt
+from sparsellm.solvers.admm import admm
 from sparsellm.solvers.sparsellm import FFNSolveResult, sparsellm_ffn
 
 CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes (no device budget: the CPU)
 _FFN_ROWS = 4096  # rows per chunk when the pruned FFN's outputs are formed
 LAYOUT_WINDOWS = 4  # calibration windows the layout check runs the dense block on
+# The options the joint FFN solve takes (the others configure the layers outside the FFN).
+_FFN_OPTIONS = ("epochs", "alpha", "beta", "gamma", "dampening", "blocksize")
 
 
 @dataclass
-class SparseLLMOptions(SparseGPTOptions):
-    """Settings of the joint FFN solve; SparseGPT's (for the other layers, and the solve's own
-    OBS sweeps and damping) come first."""
+class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
+    """Settings of the joint FFN solve; SparseGPT's and ADMM's (for the other layers, and the
+    solve's own OBS sweeps and damping) come first."""
+
+    layer_solver: str = setting(
+        "sparsegpt",
+        "solver of the layers outside the FFN (attention): sparsegpt or admm",
+        choices=("sparsegpt", "admm"),
+    )
 
     epochs: int = setting(1, "alternation epochs of the joint FFN solve", "non_negative_int")
     alpha: float | None = setting(
@@ -203,7 +212,7 @@ def _solve_ffn(
             reduce=reduce,
             ranks=ranks(),
             **_split_weights(job, ffn, originals),
-            **dataclasses.asdict(options),
+            **{name: getattr(options, name) for name in _FFN_OPTIONS},
         )
     new = {ffn.up: result.up, ffn.down: result.down}
     if ffn.gate:
@@ -245,11 +254,21 @@ def _figures(layout: Layout, result: FFNSolveResult) -> dict:
     }
 
 
+def _local_solver(options: SparseLLMOptions) -> functools.partial:
+    """The per-layer solve of the layers outside the FFN, with the run's options."""
+    if options.layer_solver == "admm":
+        return functools.partial(
+            admm,
+            iterations=options.admm_iterations,
+            cg_iterations=options.cg_iterations,
+            dampening=options.dampening,
+        )
+    return functools.partial(sparsegpt, blocksize=options.blocksize, dampening=options.dampening)
+
+
 def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
     """Block pruner for ``method="sparsellm"`` with the given options."""
-    local_solve = functools.partial(
-        sparsegpt, blocksize=options.blocksize, dampening=options.dampening
-    )
+    local_solve = _local_solver(options)
 
     def prune_block(job: BlockJob) -> BlockResult:
         layout = _layout(job)
