@@ -137,9 +137,10 @@ class TaskResults:
         return self.tasks.get(task, {}).get("metrics", {}).get(name)
 
     def headline(self, task: str) -> tuple[str, float] | None:
-        """The task's accuracy-like metric (acc, else the first metric lm-eval reported)."""
+        """The task's accuracy-like metric: acc_norm (multiple choice, length-normalised),
+        else acc, else exact_match, else the first metric lm-eval reported."""
         metrics = {k: v for k, v in self.tasks[task]["metrics"].items() if "stderr" not in k}
-        for name in ("acc", "acc_norm", "exact_match"):
+        for name in ("acc_norm", "acc", "exact_match"):
             if name in metrics:
                 return name, metrics[name]
         return next(iter(metrics.items()), None)

@@ -310,12 +310,13 @@ def _tasks(text: str | None) -> list[str]:
 
 
 def accuracy_columns(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
-    """Each task's accuracy column present in ``rows`` (``task/acc``, else another
-    non-stderr metric of the task that is not a perplexity)."""
+    """Each task's accuracy column present in ``rows``: ``acc_norm`` where the task has it
+    (multiple choice: the raw log-likelihood sum favours short choices), else ``acc``, else
+    ``exact_match``."""
     columns = []
     present = {c for row in rows for c in row}
     for task in tasks:
-        candidates = [f"{task}/{m}" for m in ("acc", "acc_norm", "exact_match")]
+        candidates = [f"{task}/{m}" for m in ("acc_norm", "acc", "exact_match")]
         found = next((c for c in candidates if c in present), None)
         if found:
             columns.append(found)
