@@ -31,6 +31,7 @@ from sparsellm.config import SweepConfig, prune_config
 from sparsellm.errors import UserError
 from sparsellm.evaluation import windows_perplexity
 from sparsellm.layer_report import REPORT
+from sparsellm.pruners import get_method
 
 CSV = "sweep.csv"
 SETTINGS = "sweep.json"
@@ -192,7 +193,8 @@ class Sweep:
         todo = self.missing()
         if not todo:
             return []
-        self._load()
+        pruned = [p for p in todo if p != DENSE]
+        self._load(calibrate=any(get_method(p.method).needs_calibration for p in pruned))
         bar = tqdm(todo, desc="sweep", unit="point", disable=not self.progress)
         for point in bar:
             bar.set_postfix_str(point.key)
@@ -203,7 +205,9 @@ class Sweep:
                 tqdm.write(_describe(row, self.tasks))
         return todo
 
-    def _load(self) -> None:
+    def _load(self, calibrate: bool) -> None:
+        """Model, tokenizer and evaluation windows; calibration windows when a method of the
+        points to run reads them."""
         from sparsellm.data import calibration_windows, evaluation_windows
         from sparsellm.loading import load_model_and_tokenizer
 
@@ -219,9 +223,11 @@ class Sweep:
         self.eval_windows = evaluation_windows(
             config.dataset, self.tokenizer, seqlen, config.max_windows
         )
-        self.calibration = calibration_windows(
-            config.calibration, self.tokenizer, config.nsamples, config.seqlen, config.seed
-        )
+        self.calibration = None
+        if calibrate:
+            self.calibration = calibration_windows(
+                config.calibration, self.tokenizer, config.nsamples, config.seqlen, config.seed
+            )
 
     def _run_point(self, point: Point) -> dict[str, Any]:
         if point == DENSE:
