@@ -23,6 +23,8 @@ from sparsellm.config import (
     FinetuneConfig,
     PlanConfig,
     PruneConfig,
+    ReportConfig,
+    SweepConfig,
     bench_infer_config,
     compress_config,
     eval_config,
@@ -31,10 +33,12 @@ from sparsellm.config import (
     merge,
     plan_config,
     prune_config,
+    report_config,
+    sweep_config,
 )
 from sparsellm.data import check_source
 from sparsellm.errors import UserError
-from sparsellm.pruners import METHODS, get_method, methods_with, option_fields
+from sparsellm.pruners import METHODS, methods_with, option_fields
 from sparsellm.settings import add_flag, add_flags, describe
 from sparsellm.solvers import NumericalError
 
@@ -64,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help, description, schema, run in SUBCOMMANDS:
         p = sub.add_parser(name, help=help, description=description)
-        for dest, (metavar, text) in getattr(schema, "POSITIONAL", {}).items():
-            p.add_argument(dest, metavar=metavar, help=text)
+        for dest, (metavar, text, *nargs) in getattr(schema, "POSITIONAL", {}).items():
+            p.add_argument(dest, metavar=metavar, help=text, nargs=nargs[0] if nargs else None)
         p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")
         add_flags(p, schema)
         if schema is PruneConfig:
@@ -88,7 +92,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     config = prune_config(_settings(args, PruneConfig))
-    if get_method(config.method).needs_calibration:
+    if config.uses_calibration:
         check_source(config.calibration)
     if config.eval:
         check_source(config.eval)
@@ -289,15 +293,55 @@ def _remove_stale(output: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from sparsellm.api import default_device, evaluate_perplexity
+    from sparsellm.api import default_device
     from sparsellm.distributed import init_from_environment, is_main
-    from sparsellm.preflight import check_eval_inputs
 
     config = eval_config(_settings(args, EvalConfig))
-    check_source(config.dataset)
-    windows = check_eval_inputs(config)  # read and checked before the model loads
+    tasks = _task_names(config.tasks)
+    windows = None
+    if config.dataset is not None:
+        from sparsellm.preflight import check_eval_inputs
+
+        check_source(config.dataset)
+        windows = check_eval_inputs(config)  # read and checked before the model loads
+    else:
+        from sparsellm.preflight import check_model_source
+
+        check_model_source(config.model, config.allow_pickle, config.trust_remote_code)
     device = init_from_environment(default_device(config.device))
     model, tokenizer = _load(config, device)
+    progress = not args.quiet and is_main()
+    perplexity = _eval_perplexity(config, model, tokenizer, windows, device, progress)
+    results = _eval_tasks(config, model, tokenizer, tasks, device, progress) if tasks else None
+    if not is_main():
+        return 0
+    report = _eval_report_path(config)
+    if report is not None:
+        from sparsellm.evaluation import record_evaluation
+
+        tasks_entry = results.to_dict() if results is not None else None
+        record_evaluation(report, config.model, perplexity, tasks_entry)
+        print(f"results added to {report}")
+    return 0
+
+
+def _task_names(text: str | None) -> list[str]:
+    """The tasks asked for, lm-eval checked to be installed first (one line if not)."""
+    if text is None:
+        return []
+    from sparsellm.lm_tasks import parse_tasks, require_lm_eval
+
+    require_lm_eval()
+    return parse_tasks(text)
+
+
+def _eval_perplexity(config: EvalConfig, model, tokenizer, windows, device, progress: bool):
+    """Perplexity on ``config.dataset`` (printed); the report's entry, or ``None``."""
+    if windows is None:
+        return None
+    from sparsellm.api import evaluate_perplexity
+    from sparsellm.distributed import is_main
+
     ppl = evaluate_perplexity(
         model,
         tokenizer,
@@ -305,13 +349,42 @@ def run_eval(args: argparse.Namespace) -> int:
         seqlen=config.seqlen,
         batch_size=config.batch_size,
         device=device,
-        progress=not args.quiet and is_main(),
+        progress=progress,
         across_ranks=True,
     )
-    if not is_main():
-        return 0
-    print(f"perplexity {ppl:.4f} ({config.model} on {config.dataset}, seqlen {config.seqlen})")
-    return 0
+    if is_main():
+        print(f"perplexity {ppl:.4f} ({config.model} on {config.dataset}, seqlen {config.seqlen})")
+    entry = {"perplexity": ppl, "seqlen": config.seqlen, "windows": int(windows.shape[0])}
+    return {config.dataset: entry}
+
+
+def _eval_tasks(config: EvalConfig, model, tokenizer, tasks: list[str], device, progress: bool):
+    """lm-eval ``tasks`` on the model (moved to ``device``: lm-eval runs it whole there);
+    the table is printed."""
+    from sparsellm.lm_tasks import evaluate_tasks
+
+    results = evaluate_tasks(
+        model.to(device),
+        tokenizer,
+        tasks,
+        num_fewshot=config.num_fewshot,
+        limit=config.limit,
+        batch_size=config.batch_size,
+        task_dirs=[config.task_dir] if config.task_dir else [],
+        progress=progress,
+    )
+    print(results.table())
+    return results
+
+
+def _eval_report_path(config: EvalConfig):
+    """Where results go: ``--report``, else the model directory's sparsity report if any."""
+    from pathlib import Path
+
+    if config.report is not None:
+        return Path(config.report)
+    own = Path(config.model) / REPORT
+    return own if own.is_file() else None
 
 
 def _finetune_windows(config: FinetuneConfig, tokenizer: object):
@@ -413,6 +486,61 @@ def run_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    from sparsellm.sweep import Sweep, plot, table
+
+    config = sweep_config(_settings(args, SweepConfig))
+    tasks = _task_names(config.tasks)
+    if config.plot:
+        from sparsellm.plots import require_matplotlib
+
+        require_matplotlib("sweep's plot (--no-plot: csv only)")
+    for source in (config.calibration, config.dataset):
+        check_source(source)
+    from sparsellm.preflight import check_model_source
+
+    check_model_source(config.model, config.allow_pickle, config.trust_remote_code)
+    sweep = Sweep(config, progress=not args.quiet)
+    done = sweep.run()
+    print(table(sweep.rows, tasks))
+    skipped = len(sweep.rows) - len(done)
+    print(f"{len(done)} point(s) run, {skipped} already in {sweep.csv}")
+    if config.plot and sweep.rows:
+        print(f"plot written to {plot(config, sweep.rows)}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from sparsellm.layer_report import block_rows, depth_table, label_of, load_report, summary_line
+
+    config = report_config(_settings(args, ReportConfig))
+    if config.plot is not None:
+        from sparsellm.plots import require_matplotlib
+
+        require_matplotlib()
+    reports = [(path, load_report(path)) for path in config.outputs]
+    labels = _unique([label_of(path, report) for path, report in reports])
+    outputs = [(label, block_rows(r)) for label, (_, r) in zip(labels, reports, strict=True)]
+    for label, (_, report) in zip(labels, reports, strict=True):
+        print(summary_line(label, report))
+    print(depth_table(outputs))
+    if config.plot is not None:
+        from sparsellm.plots import depth_plot
+
+        print(f"plot written to {depth_plot(outputs, config.plot)}")
+    return 0
+
+
+def _unique(labels: list[str]) -> list[str]:
+    """``labels`` with repeats numbered (two outputs of the same method and target)."""
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if labels.count(label) == 1 else f"{label} ({seen[label]})")
+    return out
+
+
 def run_bench_infer(args: argparse.Namespace) -> int:
     from sparsellm.sparse.bench import run
 
@@ -430,10 +558,30 @@ SUBCOMMANDS = (
     ),
     (
         "eval",
-        "perplexity of a model",
-        "Perplexity over consecutive windows of a text's test split.",
+        "perplexity and lm-evaluation-harness tasks of a model",
+        "Perplexity over consecutive windows of a text's test split, and/or "
+        "lm-evaluation-harness tasks (--tasks) on the loaded model; results are printed and "
+        "added to the report JSON.",
         EvalConfig,
         run_eval,
+    ),
+    (
+        "sweep",
+        "prune at several methods and sparsities, score each, plot",
+        "Prune the model with every method at every sparsity (from one loaded copy), score "
+        "each point (perplexity, optionally lm-eval tasks), write sweep.csv and sweep.png to "
+        "--output; a rerun skips the points already in the csv.",
+        SweepConfig,
+        run_sweep,
+    ),
+    (
+        "report",
+        "per-layer sparsity, error and fallbacks across depth of pruned outputs",
+        "Per block of one or more pruned outputs, side by side: the sparsity of its layers, "
+        "their mean reconstruction error, the block's output error and fallbacks, from each "
+        "output's sparsity_report.json; --plot draws them.",
+        ReportConfig,
+        run_report,
     ),
     (
         "finetune",

@@ -20,6 +20,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from sparsellm.allocation import MAX_SPARSITY
+from sparsellm.allocation import RULES as ALLOCATION_RULES
 from sparsellm.data import describe_sources
 from sparsellm.masks import SparsityTarget
 from sparsellm.pruners import Method, get_method, methods_with, option_fields
@@ -55,8 +57,23 @@ class PruneConfig:
     model: str | None = setting(None, MODEL_HELP)
     output: str | None = setting(None, "directory to write the pruned model to")
     method: str = setting("sparsegpt", "pruning method (see below)")
-    sparsity: float | None = setting(None, "fraction of zeros per layer (default 0.5)", "number")
+    sparsity: float | None = setting(
+        None, "fraction of zeros over the pruned layers (default 0.5)", "number"
+    )
     pattern: str | None = setting(None, "N:M structured sparsity: keep N of every M, e.g. 2:4")
+    allocation: str = setting(
+        "uniform",
+        "per-layer sparsity: uniform (every layer at the target), owl (blocks with more "
+        "outlier scores keep more, Yin et al. 2023) or error (each layer by the relative "
+        "output error its zeros cost); the overall sparsity stays exact",
+        choices=ALLOCATION_RULES,
+    )
+    allocation_spread: float = setting(
+        0.1,
+        "with --allocation owl or error, each layer's sparsity stays within the target "
+        "plus or minus this (and within [0, 0.99])",
+        "non_negative_number",
+    )
     calibration: str = setting("builtin", f"calibration text: {SOURCES}")
     nsamples: int = setting(128, "calibration windows", "positive_int")
     seqlen: int = setting(512, "tokens per calibration window", "positive_int")
@@ -112,6 +129,26 @@ class PruneConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether the run reads calibration text: for the method, or for the allocation."""
+        return get_method(self.method).needs_calibration or self.allocation != "uniform"
+
+    def check_allocation(self) -> None:
+        """A non-uniform allocation needs an unstructured target it can spread."""
+        if self.allocation == "uniform":
+            return
+        target = self.target()
+        if target.is_nm:
+            raise ConfigError(
+                f"allocation {self.allocation} needs --sparsity: an N:M pattern fixes every "
+                "layer's sparsity (use allocation uniform)"
+            )
+        if target.sparsity > MAX_SPARSITY:
+            raise ConfigError(
+                f"allocation {self.allocation} needs a sparsity of at most {MAX_SPARSITY}"
+            )
+
     def to_dict(self) -> dict:
         """The settings as recipe keys, the method's options among them."""
         values = {f.name: getattr(self, f.name) for f in declared(PruneConfig)}
@@ -153,6 +190,7 @@ def prune_config(values: dict[str, Any], require_io: bool = True) -> PruneConfig
     config = PruneConfig(**common)
     check_settings(config)
     config.options = method.make_options(own, config.target())
+    config.check_allocation()
     if config.skip is not None:
         try:
             re.compile(config.skip)
@@ -209,19 +247,139 @@ def check_device(device: str | None) -> None:
         )
 
 
+TASKS_HELP = (
+    "comma-separated lm-evaluation-harness tasks: the offline ones in eval/tasks "
+    "(sotu_lastword, sotu_continuation), your own (--task-dir), or lm-eval's (hellaswag, "
+    "arc_easy, ...: downloaded from the hub); needs pip install 'sparsellm[eval]'"
+)
+
+
+def task_settings() -> dict[str, Any]:
+    """The lm-eval settings ``eval`` and ``sweep`` share, one declaration each."""
+    return {
+        "tasks": setting(None, TASKS_HELP),
+        "task_dir": setting(None, "a directory of your own lm-eval task YAMLs"),
+        "num_fewshot": setting(
+            None,
+            "few-shot examples per task (default: the task's own, else 0)",
+            "non_negative_int",
+        ),
+        "limit": setting(
+            None,
+            "at most this many samples per task (below 1: that fraction)",
+            "positive_number",
+        ),
+    }
+
+
+_EVAL_TASKS = task_settings()  # a dataclass field belongs to one class: one dict each
+
+
 @dataclass
 class EvalConfig:
-    """Settings of ``sparsellm eval``."""
+    """Settings of ``sparsellm eval``: perplexity on ``dataset``, lm-eval ``tasks``, or both
+    (one recipe may hold both)."""
 
     model: str | None = setting(None, MODEL_HELP)
-    dataset: str = setting("wikitext2", f"text: {SOURCES}")
+    dataset: str | None = setting(
+        None, f"text for perplexity (default wikitext2 when no --tasks): {SOURCES}"
+    )
     seqlen: int = setting(2048, "tokens per window", "positive_int")
     max_windows: int | None = setting(None, "evaluate at most this many windows", "positive_int")
-    batch_size: int = setting(4, "windows per forward pass", "positive_int")
+    tasks: str | None = _EVAL_TASKS["tasks"]
+    task_dir: str | None = _EVAL_TASKS["task_dir"]
+    num_fewshot: int | None = _EVAL_TASKS["num_fewshot"]
+    limit: float | None = _EVAL_TASKS["limit"]
+    report: str | None = setting(
+        None,
+        "JSON file the results are added to (default: the model directory's "
+        "sparsity_report.json when it has one)",
+    )
+    batch_size: int = setting(4, "windows (or task requests) per forward pass", "positive_int")
     device: str | None = setting(None, "default: cuda if available, else cpu")
     dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
     allow_pickle: bool = allow_pickle_setting()
     trust_remote_code: bool = trust_remote_code_setting()
+
+
+_SWEEP_TASKS = task_settings()
+
+
+@dataclass
+class SweepConfig:
+    """Settings of ``sparsellm sweep``: every method at every sparsity, pruned from one
+    loaded dense model and scored; a csv and a plot in ``output``, resumable."""
+
+    model: str | None = setting(None, MODEL_HELP)
+    output: str | None = setting(
+        None, "directory of the sweep (sweep.csv, sweep.png, reports/); rerun to resume"
+    )
+    methods: str = setting("magnitude,wanda,sparsegpt,sparsellm", "comma-separated pruning methods")
+    sparsities: str = setting("0.5,0.6,0.7,0.8", "comma-separated sparsities, each in (0, 1)")
+    calibration: str = setting("builtin", f"calibration text: {SOURCES}")
+    nsamples: int = setting(128, "calibration windows", "positive_int")
+    seqlen: int = setting(512, "tokens per calibration window", "positive_int")
+    seed: int = setting(0, "seed for window sampling", "int")
+    dataset: str = setting("builtin-heldout", f"text for perplexity: {SOURCES}")
+    eval_seqlen: int | None = setting(
+        None, "tokens per perplexity window (default: seqlen)", "positive_int"
+    )
+    max_windows: int | None = setting(None, "at most this many perplexity windows", "positive_int")
+    tasks: str | None = _SWEEP_TASKS["tasks"]
+    task_dir: str | None = _SWEEP_TASKS["task_dir"]
+    num_fewshot: int | None = _SWEEP_TASKS["num_fewshot"]
+    limit: float | None = _SWEEP_TASKS["limit"]
+    batch_size: int = setting(8, "windows (or task requests) per evaluation pass", "positive_int")
+    plot: bool = setting(True, "draw sweep.png (needs matplotlib; --no-plot: csv only)", "bool")
+    save_models: bool = setting(
+        False, "also save each pruned model under models/ (disk: one model per point)", "bool"
+    )
+    device: str | None = setting(None, "default: cuda if available, else cpu")
+    dtype: str = setting("auto", "weights' dtype", choices=DTYPES)
+    allow_pickle: bool = allow_pickle_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
+
+    def method_list(self) -> list[str]:
+        """The methods, each registered (an unknown one is named)."""
+        names = [name.strip() for name in self.methods.split(",")]
+        if any(not name for name in names):
+            raise ConfigError(f"methods {self.methods!r} has an empty name")
+        for name in names:
+            get_method(name)
+        return list(dict.fromkeys(names))
+
+    def sparsity_list(self) -> list[float]:
+        """The sparsities, each a number in (0, 1) (a bad one is named)."""
+        values = []
+        for text in self.sparsities.split(","):
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not 0 < value < 1:
+                raise ConfigError(
+                    f"sparsities: {text.strip()!r} is not a number between 0 and 1 "
+                    f"(in {self.sparsities!r})"
+                )
+            values.append(value)
+        return list(dict.fromkeys(values))
+
+
+@dataclass
+class ReportConfig:
+    """Settings of ``sparsellm report``: per-layer figures of pruned outputs across depth."""
+
+    POSITIONAL: ClassVar[dict[str, tuple[str, ...]]] = {
+        "outputs": (
+            "DIR",
+            "pruned output directories (or their sparsity_report.json files)",
+            "+",
+        ),
+    }
+    outputs: Any = field(default=None)  # the positional list: not a setting, no flag
+    plot: str | None = setting(
+        None, "also draw the figures across depth into this PNG (needs matplotlib)"
+    )
 
 
 @dataclass
@@ -364,10 +522,50 @@ def check_output(output: str | None, overwrite: bool) -> None:
 
 
 def eval_config(values: dict[str, Any]) -> EvalConfig:
-    """A checked :class:`EvalConfig`."""
+    """A checked :class:`EvalConfig`; without ``tasks`` the dataset defaults to wikitext2."""
     config = _build(EvalConfig, values)
     require_model(config.model)
     check_device(config.device)
+    if config.dataset is None and config.tasks is None:
+        config.dataset = "wikitext2"
+    _check_tasks(config)
+    return config
+
+
+def _check_tasks(config: EvalConfig | SweepConfig) -> None:
+    """Task settings that need no lm-eval to check."""
+    if config.tasks is not None and not all(t.strip() for t in config.tasks.split(",")):
+        raise ConfigError(f"tasks {config.tasks!r} has an empty name")
+    if config.task_dir is not None and not Path(config.task_dir).is_dir():
+        raise ConfigError(f"task_dir {config.task_dir!r} is not a directory")
+    if config.tasks is None and (config.num_fewshot is not None or config.limit is not None):
+        raise ConfigError("num_fewshot and limit apply to --tasks, and no tasks were given")
+
+
+def sweep_config(values: dict[str, Any]) -> SweepConfig:
+    """A checked :class:`SweepConfig` (methods registered, sparsities in (0, 1))."""
+    config = _build(SweepConfig, values)
+    require_model(config.model)
+    if not config.output:
+        raise ConfigError("no output directory given (--output or 'output' in the recipe)")
+    if Path(config.output).exists() and not Path(config.output).is_dir():
+        raise ConfigError(f"output {config.output!r} exists and is not a directory")
+    config.method_list()
+    config.sparsity_list()
+    check_device(config.device)
+    _check_tasks(config)
+    return config
+
+
+def report_config(values: dict[str, Any]) -> ReportConfig:
+    """A checked :class:`ReportConfig` (the positional outputs taken as they are)."""
+    outputs = values.pop("outputs", None) or []
+    config = _build(ReportConfig, values)
+    config.outputs = list(outputs)
+    if not config.outputs:
+        raise ConfigError("no pruned output given")
+    if config.plot is not None and not config.plot.lower().endswith(".png"):
+        raise ConfigError(f"plot {config.plot!r} must be a .png file")
     return config
 
 
