@@ -450,40 +450,32 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_compress(args: argparse.Namespace) -> int:
-    from sparsellm.compressed import compress_directory
+def _convert_directory(args: argparse.Namespace, compress: bool) -> int:
+    """``sparsellm compress`` / ``decompress``: one directory into the other format."""
+    from sparsellm.compressed import compress_directory, decompress_directory
     from sparsellm.memory import parse_size
 
     config = compress_config(_settings(args, CompressConfig))
     _remove_stale(config.output)
-    sizes = compress_directory(
+    convert = compress_directory if compress else decompress_directory
+    sizes = convert(
         config.source,
         config.output,
         parse_size(config.max_shard_size),
         config.trust_remote_code,
         progress=not args.quiet,
     )
-    print(sizes.summary())
-    print(f"compressed model written to {config.output}")
+    print(sizes.summary() if compress else sizes.summary(restored=True))
+    print(f"{'compressed' if compress else 'dense'} model written to {config.output}")
     return 0
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    return _convert_directory(args, compress=True)
 
 
 def run_decompress(args: argparse.Namespace) -> int:
-    from sparsellm.compressed import decompress_directory
-    from sparsellm.memory import parse_size
-
-    config = compress_config(_settings(args, CompressConfig))
-    _remove_stale(config.output)
-    sizes = decompress_directory(
-        config.source,
-        config.output,
-        parse_size(config.max_shard_size),
-        config.trust_remote_code,
-        progress=not args.quiet,
-    )
-    print(sizes.summary(restored=True))
-    print(f"dense model written to {config.output}")
-    return 0
+    return _convert_directory(args, compress=False)
 
 
 def run_sweep(args: argparse.Namespace) -> int:

@@ -87,10 +87,9 @@ def admm(
         basis = stats.memo[key] = eigenbasis(stats.hessian, dampening)
     W0 = weight.detach().to(torch.float32) / basis.scale  # scaled: W0 · (E⁻¹ x) = Ŵ x
     W0[:, stats.hessian.diagonal() == 0] = 0.0  # dead inputs
-    solution = sparse_least_squares(W0 @ basis.hessian, W0, basis, target, iterations)
-    refined = refine_on_support(
-        W0 @ basis.hessian, solution.weight, solution.mask, basis.hessian, cg_iterations
-    )
+    cross = W0 @ basis.hessian  # Ŵ H: the linear term of both the ADMM loop and the refit
+    solution = sparse_least_squares(cross, W0, basis, target, iterations)
+    refined = refine_on_support(cross, solution.weight, solution.mask, basis.hessian, cg_iterations)
     delta = refined - W0
     return SolveResult(
         weight=refined * basis.scale,
