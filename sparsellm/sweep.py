@@ -40,14 +40,12 @@ REPORTS = "reports"
 MODELS = "models"
 FIRST_COLUMNS = ("method", "sparsity", "measured_sparsity", "perplexity")
 LAST_COLUMNS = ("prune_seconds", "eval_seconds")
-# What makes two sweeps' rows comparable; methods and sparsities may grow between runs.
+# What makes two sweeps' rows comparable; methods and sparsities may grow between runs. The
+# sources (model, texts, task directories) are compared by their files, not by how they were named.
 FINGERPRINT = (
-    "model",
-    "calibration",
     "nsamples",
     "seqlen",
     "seed",
-    "dataset",
     "eval_seqlen",
     "max_windows",
     "tasks",
@@ -55,6 +53,7 @@ FINGERPRINT = (
     "limit",
     "dtype",
 )
+FINGERPRINT_SOURCES = ("model", "calibration", "dataset")
 
 
 class SweepError(UserError):
@@ -116,24 +115,38 @@ def _order(row: dict[str, Any]) -> tuple:
 
 
 def fingerprint(config: SweepConfig) -> dict[str, Any]:
-    return {key: getattr(config, key) for key in FINGERPRINT}
+    """The settings that decide every row, and the files of the model, the texts and the task
+    directories (a relative and an absolute path to one file agree; an edited file does not)."""
+    from sparsellm.lm_tasks import task_directories
+    from sparsellm.resume import source_files
+
+    values = {key: getattr(config, key) for key in FINGERPRINT}
+    values.update(
+        {key: source_files(getattr(config, key)) for key in FINGERPRINT_SOURCES},
+        task_files=[source_files(str(d)) for d in task_directories(_task_dirs(config))],
+    )
+    return json.loads(json.dumps(values, default=str))  # tuples as lists, as read back
+
+
+def _task_dirs(config: SweepConfig) -> list[str]:
+    return [config.task_dir] if config.task_dir else []
 
 
 def open_directory(config: SweepConfig) -> Path:
     """The sweep directory, created or resumed: its recorded settings must match ``config``
-    (a different one is named), and a non-empty directory must be a sweep."""
+    (what differs is named), and a non-empty directory must be a sweep."""
+    from sparsellm.resume import differences
+
     directory = Path(config.output)
     recorded_path = directory / SETTINGS
     wanted = fingerprint(config)
     if recorded_path.is_file():
         recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
-        for key, value in wanted.items():
-            if recorded.get(key) != value:
-                raise SweepError(
-                    f"{str(directory)!r} holds a sweep with {key}={recorded.get(key)!r}, this "
-                    f"run has {key}={value!r}: rerun with the same settings to resume, or use "
-                    "another --output"
-                )
+        if diff := differences(recorded, wanted):
+            raise SweepError(
+                f"{str(directory)!r} holds a sweep with other settings ({diff}): rerun with "
+                "the same settings to resume, or use another --output"
+            )
         return directory
     if directory.is_dir() and any(directory.iterdir()):
         raise SweepError(f"output {str(directory)!r} is not empty and holds no {SETTINGS}")
@@ -285,7 +298,7 @@ class Sweep:
                     num_fewshot=config.num_fewshot,
                     limit=config.limit,
                     batch_size=config.batch_size,
-                    task_dirs=[config.task_dir] if config.task_dir else [],
+                    task_dirs=_task_dirs(config),
                     progress=False,
                 )
             for task, entry in results.tasks.items():

@@ -123,13 +123,30 @@ def test_sweep_refuses_to_mix_settings(capsys, model_dir, tmp_path):
     args = ["sweep", "--model", model_dir, "--output", output, "--nsamples", 4, "--no-plot"]
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and err.count("\n") == 1
-    assert "nsamples=128" in err and "nsamples=4" in err
+    assert "nsamples: 128 then, 4 now" in err
     code, _, err = run_cli(capsys, "sweep", "--model", model_dir, "--output", output / "x",
                            "--sparsities", "0.5,1.5", "--no-plot")  # fmt: skip
     assert code == 2 and "'1.5'" in err
     code, _, err = run_cli(capsys, "sweep", "--model", model_dir, "--output", output / "x",
                            "--methods", "magnitude,nope", "--no-plot")  # fmt: skip
     assert code == 2 and "nope" in err
+
+
+def test_sweep_knows_sources_by_their_files(model_dir, tmp_path, monkeypatch):
+    """The same model named by a relative path resumes; an edited task file does not."""
+    from sparsellm.config import sweep_config
+    from sparsellm.sweep import SweepError, open_directory
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine\n")
+    values = {"model": str(model_dir), "output": str(tmp_path / "sweep"), "task_dir": str(tasks)}
+    open_directory(sweep_config(values))
+    monkeypatch.chdir(model_dir.parent)
+    open_directory(sweep_config({**values, "model": model_dir.name}))
+    (tasks / "mine.yaml").write_text("task: mine\nnum_fewshot: 1\n")
+    with pytest.raises(SweepError, match="task_files"):
+        open_directory(sweep_config(values))
 
 
 def test_sweep_cli_writes_the_csv_and_the_plot(capsys, model_dir, tmp_path):
