@@ -60,7 +60,7 @@ eval: setup-eval
 		--recipe eval/offline.toml --model "$(GGUF)" --report out/eval-smollm2-dense.json
 
 # The README's sweep (SmolLM2, 4 methods x 50-80%, protocol sotu-smollm2's windows, the offline
-# tasks; about 2.5 h on 2 CPU cores, resumable: rerun to continue) and its per-layer picture
+# tasks; about 2 h on 2 CPU cores, resumable: rerun to continue) and its per-layer picture
 # at 70%. The figures are copied to docs/.
 SWEEP_DIR ?= out/sweep-smollm2
 sweep: setup-eval
