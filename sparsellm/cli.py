@@ -298,6 +298,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     config = eval_config(_settings(args, EvalConfig))
     tasks = _task_names(config.tasks)
+    report = _eval_report_path(config)
+    if report is not None:  # an hour of evaluation must not end in an unwritable path
+        from sparsellm.evaluation import check_report_path
+
+        check_report_path(report)
     windows = None
     if config.dataset is not None:
         from sparsellm.preflight import check_eval_inputs
@@ -315,7 +320,6 @@ def run_eval(args: argparse.Namespace) -> int:
     results = _eval_tasks(config, model, tokenizer, tasks, device, progress) if tasks else None
     if not is_main():
         return 0
-    report = _eval_report_path(config)
     if report is not None:
         from sparsellm.evaluation import record_evaluation
 

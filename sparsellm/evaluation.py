@@ -205,27 +205,50 @@ def windows_perplexity(model: torch.nn.Module, windows: torch.Tensor, **options:
     return math.exp(nll / count)
 
 
+def check_report_path(path: str | Path) -> None:
+    """Refuse, before any work, a report destination that cannot be read or written: an
+    existing file that is not a JSON object, or a place no file can be created (its nearest
+    existing parent not a writable directory). Missing directories are created on writing."""
+    import os
+
+    path = Path(path)
+    _read_report(path, "")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write report {str(path)!r}: not a writable place for a file")
+
+
+def _read_report(path: Path, model: str) -> dict[str, Any]:
+    """The report at ``path`` (a new one naming ``model`` when there is none)."""
+    import json
+
+    if not path.is_file():
+        return {"model": model}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"report {str(path)!r} is not JSON: {exc}") from None
+    if not isinstance(report, dict):
+        raise UserError(f"report {str(path)!r} does not hold a JSON object")
+    return report
+
+
 def record_evaluation(
     path: str | Path,
     model: str,
     perplexity: dict[str, dict[str, Any]] | None = None,
     tasks: dict[str, Any] | None = None,
 ) -> Path:
-    """Add evaluation results to the JSON report ``path`` (created when absent) under
-    ``"evaluation"``: ``perplexity`` by dataset and lm-eval ``tasks`` by name, merged with
-    what an earlier evaluation put there. The file is replaced in one rename."""
+    """Add evaluation results to the JSON report ``path`` (created, with its directory, when
+    absent) under ``"evaluation"``: ``perplexity`` by dataset and lm-eval ``tasks`` by name,
+    merged with what an earlier evaluation put there. The file is replaced in one rename."""
     import json
     import os
 
     path = Path(path)
-    report: dict[str, Any] = {"model": model}
-    if path.is_file():
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"report {str(path)!r} is not JSON: {exc}") from None
-        if not isinstance(report, dict):
-            raise UserError(f"report {str(path)!r} does not hold a JSON object")
+    report = _read_report(path, model)
     entry = report.setdefault("evaluation", {})
     if perplexity:
         entry.setdefault("perplexity", {}).update(perplexity)
@@ -234,6 +257,7 @@ def record_evaluation(
         entry["lm_eval_version"] = tasks.get("lm_eval_version", "")
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(temporary, path)
     except OSError as exc:

@@ -188,6 +188,26 @@ def test_eval_prints_perplexity_equal_to_api(capsys, model_dir, calibration_text
     assert f"perplexity {expected:.4f}" in out
 
 
+def test_eval_report_into_a_new_directory(
+    capsys, tmp_path, model_dir, calibration_text, monkeypatch
+):
+    """``--report`` creates its directory (a fresh clone has no out/); a place no file can be
+    written is refused in one line before the model loads."""
+    args = ["eval", "--model", model_dir, "--dataset", calibration_text, "--seqlen", 64,
+            "--max-windows", 2, "--quiet"]  # fmt: skip
+    report = tmp_path / "out" / "nested" / "dense.json"
+    code, out, err = run(capsys, *args, "--report", report)
+    assert code == 0, err
+    ppl = json.loads(report.read_text())["evaluation"]["perplexity"][str(calibration_text)]
+    assert f"perplexity {ppl['perplexity']:.4f}" in out
+    (tmp_path / "file").write_text("x")
+    import sparsellm.cli
+
+    monkeypatch.setattr(sparsellm.cli, "_load", lambda *a: pytest.fail("model loaded"))
+    code, _, err = run(capsys, *args, "--report", tmp_path / "file" / "dense.json")
+    assert code == 2 and err.count("\n") == 1 and "cannot write report" in err
+
+
 def test_eval_with_missing_dataset(capsys, model_dir):
     code, _, err = run(capsys, "eval", "--model", model_dir, "--dataset", "nowhere.txt")
     assert code == 2 and "nowhere.txt" in err
