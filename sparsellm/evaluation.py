@@ -207,17 +207,20 @@ def windows_perplexity(model: torch.nn.Module, windows: torch.Tensor, **options:
 
 def check_report_path(path: str | Path) -> None:
     """Refuse, before any work, a report destination that cannot be read or written: an
-    existing file that is not a JSON object, or a place no file can be created (its nearest
-    existing parent not a writable directory). Missing directories are created on writing."""
-    import os
+    existing file that is not a JSON object, a directory, or a place no file can be created
+    (:func:`~sparsellm.preflight.check_output_location`). Missing directories are created on
+    writing."""
+    from sparsellm.preflight import check_output_location
+    from sparsellm.settings import ConfigError
 
     path = Path(path)
     _read_report(path, "")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write report {str(path)!r}: not a writable place for a file")
+    if path.is_dir():
+        raise UserError(f"cannot write report {str(path)!r}: it is a directory")
+    try:
+        check_output_location(str(path))
+    except ConfigError as exc:
+        raise UserError(f"cannot write report {str(path)!r}: {exc}") from None
 
 
 def _read_report(path: Path, model: str) -> dict[str, Any]:
