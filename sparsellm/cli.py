@@ -8,12 +8,8 @@ detected before anything is written.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 
 from sparsellm.config import (
@@ -41,6 +37,7 @@ from sparsellm.errors import UserError
 from sparsellm.pruners import METHODS, methods_with, option_fields
 from sparsellm.settings import add_flag, add_flags, describe
 from sparsellm.solvers import NumericalError
+from sparsellm.stopping import Terminated, raise_if_stopped, signals_unwind
 
 REPORT = "sparsity_report.json"
 CLI_ONLY = ("recipe", "run", "command", "quiet")
@@ -625,37 +622,16 @@ SUBCOMMANDS = (
 )
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that everything unwinds as for Ctrl-C (staged
-    output discarded) and the process ends with one line."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` for the duration (main thread only: signals are
-    delivered there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: exit 0, 2 for bad input, 1 for a numerical failure, 130 / 143
     when stopped by SIGINT / SIGTERM (one line each; a staged output is removed first)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with _sigterm_unwinds():
-            return args.run(args)
+        with signals_unwind():
+            code = args.run(args)
+            raise_if_stopped()  # a stop a finalizer swallowed still ends the run as a stop
+            return code
     except UserError as exc:
         print(f"sparsellm: error: {exc}", file=sys.stderr)
         return 2

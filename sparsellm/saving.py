@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from sparsellm.errors import UserError
+from sparsellm.stopping import raise_if_stopped
 
 # (model, tokenizer or None, directory to fill) -> None
 Writer = Callable[[nn.Module, Any, Path], None]
@@ -140,6 +141,7 @@ class StagedOutput:
         for name, report in (reports or {}).items():
             _write_report(self.path / name, report)
         _follow_umask(self.path)
+        raise_if_stopped()  # Ctrl-C / SIGTERM swallowed by a finalizer: still nothing in place
         _replace(self.path, self.output)
         return self.output
 

@@ -96,6 +96,32 @@ def test_signal_while_saving_leaves_nothing(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
 
 
+class _SignalInFinalizer:
+    """Sends the signal from ``__del__``: Python raises it there, prints it as "ignored" and
+    drops it, as happens when a real Ctrl-C lands during a garbage-collection pass."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)
+        sum(range(1000))  # Python code after the kill: the exception is raised (and lost) here
+
+
+@pytest.mark.parametrize(("signum", "code", "word"), STOPS)
+def test_signal_swallowed_by_a_finalizer_still_stops(
+    capsys, monkeypatch, tmp_path, model_dir, signum, code, word
+):
+    monkeypatch.setitem(saving.FORMATS, "dense", _partial_then(lambda: _SignalInFinalizer(signum)))
+    output = tmp_path / "out"
+    text = Path(__file__).parent / "fixtures" / "calibration.txt"
+    got, _, err = run_cli(capsys, *_prune_args(model_dir, output, text))
+    assert got == code
+    assert word in err.splitlines()[-1] and "sparsellm:" in err.splitlines()[-1]
+    assert not output.exists() and _leftovers(tmp_path, output) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_kill_9_leaves_a_temporary_the_next_run_removes(capsys, tmp_path, model_dir):
     output = tmp_path / "out"
     text = Path(__file__).parent / "fixtures" / "calibration.txt"
