@@ -233,16 +233,16 @@ def host_activation_bytes(shape: BlockShape, tokens: int, method: str, epochs: i
     ``B₀`` (the guard's reference, kept by the statistics pass), [N, d] in the model dtype.
     Layer-wise methods then form the pruned outputs (one more [N, d]) before the inputs they
     replace are dropped. SparseLLM instead holds, during its solve, ``_FFNData``: X (model
-    dtype), the float32 target and residual, and z, s [N, f] float32 when ``epochs`` > 1 (the
-    first epoch recomputes them); its pruned outputs are formed in the residual after the
-    target is freed, which is never more than the solve's peak."""
+    dtype) and one float32 [N, d] (the residual, the target being read as dense outputs minus
+    residual; or, on the general path, the target), and z, s [N, f] float32 when ``epochs`` >
+    1 (the first epoch recomputes them); its pruned outputs are formed in the residual."""
     d, f, b = shape.hidden, shape.intermediate, shape.dtype_bytes
     if method == "magnitude":  # data-free: no activations at all
         return 0
     held = 2 * tokens * d * b  # inputs + dense outputs
     if method != "sparsellm":
         return held + tokens * d * b  # + pruned outputs
-    held += tokens * d * (b + 2 * F32)  # X, target, residual
+    held += tokens * d * (b + F32)  # X, residual (or target)
     if epochs > 1:
         held += tokens * f * F32 * (2 if shape.gated else 1)  # z (and s)
     return held

@@ -127,3 +127,26 @@ def assert_handed_on_states_are_a_forward(model, calibration_ids):
 @pytest.mark.parametrize("family", ["llama", "opt", "opt350", "gpt2"])
 def test_propagated_outputs_equal_a_forward_of_the_pruned_block(family, calibration_ids):
     assert_handed_on_states_are_a_forward(tiny_model(family), calibration_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_rows_equal_the_stored_difference(dtype):
+    """The residual path's target B₀ − r is read a chunk at a time from the dense outputs (in
+    batches, model dtype) and the float32 residual: every chunk, across batch boundaries,
+    is bit for bit the difference the solver used to store."""
+    from sparsellm.solvers.base import NumericalError
+    from sparsellm.solvers.sparsellm import RowDifference
+    from sparsellm.solvers.sparsellm.state import check_finite
+
+    torch.manual_seed(0)
+    dense = [torch.randn(b, 7, 16).to(dtype) for b in (3, 1, 4)]
+    residual = torch.randn(8 * 7, 16)
+    stored = torch.sub(torch.cat([t.reshape(-1, 16) for t in dense]), residual)
+    rows = RowDifference(dense, residual)
+    assert rows.shape == stored.shape and rows.dim() == 2
+    for start, stop in [(0, 56), (0, 5), (19, 22), (20, 29), (15, 56), (55, 56), (9, 9)]:
+        got = rows[start:stop]
+        assert got.dtype == torch.float32 and torch.equal(got, stored[start:stop])
+    residual[30, 2] = float("nan")
+    with pytest.raises(NumericalError, match="Y contains NaN"):
+        check_finite("Y", rows)

@@ -37,7 +37,7 @@ from sparsellm.report import BlockResult
 from sparsellm.settings import setting
 from sparsellm.solvers import LayerStatistics, Statistic, sparsegpt
 from sparsellm.solvers.admm import admm
-from sparsellm.solvers.sparsellm import FFNSolveResult, sparsellm_ffn
+from sparsellm.solvers.sparsellm import FFNSolveResult, RowDifference, sparsellm_ffn
 
 CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes (no device budget: the CPU)
 _FFN_ROWS = 4096  # rows per chunk when the pruned FFN's outputs are formed
@@ -79,16 +79,18 @@ class _FFNData:
     """What the joint FFN solve works on, as ``[N, d]`` host tensors (tokens as rows)."""
 
     X: torch.Tensor  # FFN inputs, model dtype
-    target: torch.Tensor  # float32: what the FFN should output
+    # What the FFN should output: float32 rows of F₀ (general path), or B₀ − r formed from
+    # the dense outputs and the residual as it is read (residual path: no stored copy).
+    target: torch.Tensor | RowDifference
     residual: torch.Tensor | None  # float32 r = B − F (residual path only)
 
 
 class _FFNRecorder:
     """Fills the host buffers of :class:`_FFNData` batch by batch during one forward pass.
 
-    Only ``X`` and the float32 target (and residual) are kept: the FFN output and the block
-    output of a batch live on the device until the batch's target is formed, so the host
-    never holds more than those three ``[N, d]`` tensors besides the engine's own.
+    Only ``X`` and the residual (residual path) or the float32 target (general path) are
+    kept: the FFN output and the block output of a batch live on the device until its rows
+    are formed, so the host holds two ``[N, d]`` tensors besides the engine's own.
     """
 
     def __init__(self, job: BlockJob, dense: list[torch.Tensor], residual: bool):
@@ -100,9 +102,11 @@ class _FFNRecorder:
 
     def _buffers(self, x: torch.Tensor) -> _FFNData:
         shape, device = (self.tokens, x.shape[-1]), self.job.options.device
-        target = host_empty(shape, torch.float32, device)
-        residual = host_empty(shape, torch.float32, device) if self.residual_path else None
-        return _FFNData(host_empty(shape, x.dtype, device), target, residual)
+        X = host_empty(shape, x.dtype, device)
+        if self.residual_path:
+            residual = host_empty(shape, torch.float32, device)
+            return _FFNData(X, RowDifference(self.dense, residual), residual)
+        return _FFNData(X, host_empty(shape, torch.float32, device), None)
 
     def on_input(self, module: nn.Module, inputs: tuple, output: object) -> None:
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
@@ -119,13 +123,8 @@ class _FFNRecorder:
         d = block_out.shape[-1]
         ffn_out = self.ffn_out.reshape(-1, d)
         rows = slice(self.rows, self.rows + ffn_out.shape[0])
-        if self.residual_path:
-            residual = block_out.reshape(-1, d).float().sub_(ffn_out)  # r = B − F
-            dense = self.dense[self.batch].reshape(-1, d).to(residual.device)
-            # Y = B₀ − r: the FFN's error *is* the block's output error. (Not in place: the
-            # dense outputs are the guard's reference.)
-            self.data.target[rows].copy_(torch.sub(dense, residual))
-            self.data.residual[rows].copy_(residual)
+        if self.residual_path:  # the target Y = B₀ − r is read from B₀ and r (RowDifference)
+            self.data.residual[rows].copy_(block_out.reshape(-1, d).float().sub_(ffn_out))
         else:
             self.data.target[rows].copy_(ffn_out)
         self.rows, self.batch, self.ffn_out = rows.stop, self.batch + 1, None
@@ -283,7 +282,7 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
 
         data = _capture_ffn(job, ffn, dense_out, layout.residual)
         originals, new, result = _solve_ffn(job, ffn, data, options)
-        data.target = None  # the largest float32 copy; not needed again
+        data.target = None  # not needed again (general path: a float32 [N, d])
         input_stats = LayerStatistics(tokens=result.tokens, hessian=result.input_gram)
         rows += [
             write_solution(job, n, originals[n], new[n], None if n == ffn.down else input_stats)

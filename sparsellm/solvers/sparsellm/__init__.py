@@ -26,6 +26,13 @@ from __future__ import annotations
 
 from sparsellm.solvers.sparsellm.activations import ActivationLike
 from sparsellm.solvers.sparsellm.solve import sparsellm_ffn
-from sparsellm.solvers.sparsellm.state import FFNSolveResult, ProgressFn, ReduceFn
+from sparsellm.solvers.sparsellm.state import FFNSolveResult, ProgressFn, ReduceFn, RowDifference
 
-__all__ = ["ActivationLike", "FFNSolveResult", "ProgressFn", "ReduceFn", "sparsellm_ffn"]
+__all__ = [
+    "ActivationLike",
+    "FFNSolveResult",
+    "ProgressFn",
+    "ReduceFn",
+    "RowDifference",
+    "sparsellm_ffn",
+]

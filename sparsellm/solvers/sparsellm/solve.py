@@ -29,6 +29,7 @@ from sparsellm.solvers.sparsellm.state import (
     Penalties,
     ProgressFn,
     ReduceFn,
+    RowDifference,
     SharedSolves,
     SolveLog,
     check_finite,
@@ -39,7 +40,7 @@ Requested = tuple[float | None, float | None, float | None]  # alpha, beta, gamm
 
 def sparsellm_ffn(
     X: Tensor,
-    Y: Tensor,
+    Y: Tensor | RowDifference,
     up: Tensor,
     up_bias: Tensor | None,
     down: Tensor,
@@ -65,7 +66,8 @@ def sparsellm_ffn(
 
     Args:
         X, Y: ``[N, d]`` FFN inputs and target outputs (down bias included; usually the dense
-            output), tokens as rows, any float dtype (computed in float32).
+            output), tokens as rows, any float dtype (computed in float32); Y may be a
+            :class:`RowDifference`, formed a chunk at a time.
         up, up_bias, down, down_bias: W1 ``[f, d]`` and b1 ``[f]`` (the only input projection
             of a plain FFN), W2 ``[d, f]`` and b2 ``[d]``.
         target: sparsity (unstructured, exact count per matrix) or N:M for every weight, or
@@ -109,7 +111,7 @@ def sparsellm_ffn(
 
 def _build_problem(
     X: Tensor,
-    Y: Tensor,
+    Y: Tensor | RowDifference,
     weights: dict[str, Tensor | None],
     biases: dict[str, Tensor | None],
     target: SparsityTarget,
@@ -167,7 +169,10 @@ def _targets(
 
 
 def _check_shapes(
-    X: Tensor, Y: Tensor, weights: dict[str, Tensor | None], biases: dict[str, Tensor | None]
+    X: Tensor,
+    Y: Tensor | RowDifference,
+    weights: dict[str, Tensor | None],
+    biases: dict[str, Tensor | None],
 ) -> None:
     if X.dim() != 2 or Y.shape != X.shape:
         raise ValueError(f"X and Y must both be [N, d]; got {tuple(X.shape)}, {tuple(Y.shape)}")

@@ -100,9 +100,49 @@ class NamedSums:
         return {name: float(v) for name, v in zip(self.names, self.tensor, strict=True)}
 
 
-def check_finite(name: str, t: Tensor | None) -> None:
+class RowDifference:
+    """``minuend − subtrahend`` as ``[N, d]`` float32 rows, formed a slice at a time when read.
+
+    SparseLLM's residual-path target ``Y = B₀ − r``: both operands are held anyway (the dense
+    block outputs ``B₀``, in batches, as the guard's reference; ``r`` to form the pruned
+    outputs), so storing their difference would cost one more ``[N, d]`` float32 on the host.
+    The rows read are bit for bit those of the stored difference.
+    """
+
+    def __init__(self, minuend: Sequence[Tensor], subtrahend: Tensor) -> None:
+        self.parts = [t.reshape(-1, t.shape[-1]) for t in minuend]  # the batches' rows
+        self.starts = [0]
+        for part in self.parts:
+            self.starts.append(self.starts[-1] + part.shape[0])
+        if self.starts[-1] != subtrahend.shape[0]:
+            raise ValueError(f"{self.starts[-1]} rows minus {subtrahend.shape[0]}")
+        self.subtrahend = subtrahend
+        self.shape = subtrahend.shape
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("RowDifference is read in contiguous row ranges")
+        pieces = [
+            part[max(start - first, 0) : stop - first]
+            for part, first in zip(self.parts, self.starts, strict=False)
+            if first < stop and first + part.shape[0] > start
+        ]
+        minuend = torch.cat(pieces) if pieces else self.subtrahend[:0]
+        return torch.sub(minuend, self.subtrahend[start:stop])  # float32 by type promotion
+
+
+def check_finite(name: str, t: Tensor | RowDifference | None) -> None:
     """Raise :class:`NumericalError` naming ``name`` if ``t`` holds NaN or Inf."""
-    if t is not None and not torch.isfinite(t).all():
+    if isinstance(t, RowDifference):
+        step = 4096
+        finite = all(torch.isfinite(t[i : i + step]).all() for i in range(0, t.shape[0], step))
+    else:
+        finite = t is None or bool(torch.isfinite(t).all())
+    if not finite:
         raise NumericalError(f"{name} contains NaN or Inf")
 
 
@@ -120,7 +160,7 @@ class FFNProblem:
     """
 
     X: Tensor  # [N, d] FFN inputs, tokens as rows
-    Y: Tensor  # [N, d] target FFN outputs, down bias included
+    Y: Tensor | RowDifference  # [N, d] target FFN outputs, down bias included
     dense_up: Tensor  # W1 [f, d]
     dense_down: Tensor  # W2 [d, f]
     dense_gate: Tensor | None  # Wg [f, d], gated FFNs only
