@@ -11,7 +11,7 @@ from torch import nn
 from sparsellm.allocation import allocator
 from sparsellm.config import PruneConfig, prune_config
 from sparsellm.data import calibration_windows, evaluation_windows
-from sparsellm.distributed import shard, world
+from sparsellm.distributed import shard, shared_run, world
 from sparsellm.engine import BlockStore, EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
 from sparsellm.memory import Budget
@@ -101,14 +101,14 @@ def prune(
         target=str(config.target()),
         config=config.to_dict(),
     )
-    windows = None
+    windows, batch_size = None, config.batch_size
     if config.uses_calibration:
-        windows = _calibration(tokenizer, config, calibration_ids, report)
+        windows, batch_size = _calibration(tokenizer, config, calibration_ids, report)
     device = default_device(config.device)
     engine_options = EngineOptions(
         device=device,
         budget=Budget.resolve(config.device_memory, device),
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         skip=config.skip,
         progress=progress,
         guard=config.guard,
@@ -143,8 +143,10 @@ def _calibration(
     config: PruneConfig,
     ids: torch.Tensor | None,
     report: PruneReport,
-) -> torch.Tensor:
-    """The calibration windows (this rank's share under torch.distributed)."""
+) -> tuple[torch.Tensor, int]:
+    """The calibration windows (this rank's share under torch.distributed) and the windows per
+    batch (``batch_size``; under torch.distributed the runs ranks share them in, so that every
+    batch is one rank's and the statistics equal one process's)."""
     started = time.perf_counter()
     if ids is None:
         source = config.calibration
@@ -153,11 +155,13 @@ def _calibration(
         ids = calibration_windows(source, tokenizer, config.nsamples, config.seqlen, config.seed)
     report.timings["calibration_data"] = time.perf_counter() - started
     report.config["calibration_windows"] = list(ids.shape)
-    ranks = world()[1]
+    ranks, batch_size = world()[1], config.batch_size
     if ranks > 1:
-        ids = shard(ids)
+        batch_size = shared_run(ids.shape[0], config.batch_size)
+        ids = shard(ids, batch_size)
         report.config["ranks"] = ranks
-    return ids
+        report.config["batch_size"] = batch_size
+    return ids, batch_size
 
 
 def evaluate_perplexity(

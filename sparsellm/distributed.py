@@ -30,6 +30,7 @@ __all__ = [
     "is_main",
     "ranks",
     "shard",
+    "shared_run",
     "world",
 ]
 
@@ -46,8 +47,11 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def shard(windows: torch.Tensor) -> torch.Tensor:
-    """This rank's share of ``windows`` [n, seqlen] (every ``world_size``-th, from its rank)."""
+def shard(windows: torch.Tensor, run: int = 1) -> torch.Tensor:
+    """This rank's share of ``windows`` [n, seqlen]: every ``world_size``-th run of ``run``
+    consecutive windows, from its rank's. With the engine's batch size as ``run`` every batch
+    is one rank's, whole, so statistics summed batch by batch (order-independent sums,
+    ``statistics.py``) equal one process's bit for bit."""
     rank, size = world()
     if size == 1:
         return windows
@@ -56,7 +60,16 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
             f"{windows.shape[0]} windows cannot be shared by {size} processes: "
             "each needs at least one"
         )
-    return windows[rank::size]
+    starts = range(rank * run, windows.shape[0], size * run)
+    return torch.cat([windows[start : start + run] for start in starts])
+
+
+def shared_run(windows: int, batch_size: int) -> int:
+    """Windows per run (and per batch) when ranks share ``windows``: ``batch_size``, fewer if
+    there would otherwise be fewer runs than ranks (a rank without windows has no work). One
+    process with this batch size computes the same statistics as the ranks."""
+    size = world()[1]
+    return batch_size if size == 1 else max(1, min(batch_size, windows // size))
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

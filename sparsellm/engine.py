@@ -211,7 +211,9 @@ def capture_block_inputs(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, options: EngineOptions
 ) -> BlockInputs:
     """Run the model up to block 0 for each batch of ``windows`` and record what block 0 gets,
-    in host memory. Batches hold ``batch_size`` windows, fewer where the device budget says so.
+    in host memory. Batches hold ``batch_size`` windows, fewer where the device budget says so
+    (each run of ``batch_size`` windows is then cut into pieces; a batch never spans two runs,
+    so ranks holding whole runs, ``distributed.shard``, see the batches one process sees).
 
     Only the modules outside the decoder blocks (embeddings, rotary tables, ...) visit the
     device, and only for this step.
@@ -236,10 +238,10 @@ def capture_block_inputs(
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
         with rest_on_device(adapter, options.device):
-            for start in range(0, windows.shape[0], per_batch):
-                ids = windows[start : start + per_batch].to(options.device)
-                with contextlib.suppress(_Captured):
-                    model(input_ids=ids, use_cache=False)
+            for run in windows.split(options.batch_size):
+                for part in run.split(per_batch):
+                    with contextlib.suppress(_Captured):
+                        model(input_ids=part.to(options.device), use_cache=False)
     finally:
         handle.remove()
     return BlockInputs(hidden, args_list, kwargs_list, device=options.device)

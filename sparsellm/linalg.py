@@ -28,14 +28,21 @@ def gram_blocks(size: int, block: int = GRAM_BLOCK) -> list[tuple[int, int]]:
 def add_gram_upper(gram: torch.Tensor, a: torch.Tensor, blocks: list[tuple[int, int]]) -> None:
     """``gram += aᵀa`` on the upper block triangle only: a Gram matrix is symmetric, so the
     lower blocks are a transpose away (:func:`mirror_upper`), which saves up to half the
-    FLOPs of the dominant statistics cost."""
-    if len(blocks) == 1:
-        gram.addmm_(a.T, a)
-        return
+    FLOPs of the dominant statistics cost.
+
+    A ``gram`` wider than ``a`` (float64 sums of float32 products) gets each block's product
+    formed in ``a``'s dtype and then added: the sum of a few such products is then exact in
+    float64 for practically every entry, so it does not depend on the order of the additions
+    (:class:`~sparsellm.statistics.StatisticsCollector`). Otherwise the product accumulates
+    into ``gram`` directly (one fused ``addmm``)."""
+    fused = gram.dtype == a.dtype
     for bi, (i0, i1) in enumerate(blocks):
         ai = a[:, i0:i1]
         for j0, j1 in blocks[bi:]:
-            gram[i0:i1, j0:j1].addmm_(ai.T, a[:, j0:j1])
+            if fused:
+                gram[i0:i1, j0:j1].addmm_(ai.T, a[:, j0:j1])
+            else:
+                gram[i0:i1, j0:j1] += ai.T @ a[:, j0:j1]
 
 
 def mirror_upper(gram: torch.Tensor, blocks: list[tuple[int, int]]) -> None:

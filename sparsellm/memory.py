@@ -57,6 +57,7 @@ def device_free(device: torch.device) -> int | None:
 # the tensors the code holds at its peak, counted from the code (see the comments).
 
 F32 = 4
+F64 = 8
 # Chunk caps under a device budget: beyond these, GEMMs and kernel launches gain nothing.
 MAX_FORWARD_TOKENS = 16384
 MAX_SOLVER_TOKENS = 8192
@@ -175,8 +176,9 @@ def solver_pass_bytes(shape: BlockShape) -> int:
 
 
 def forward_fixed_bytes(shape: BlockShape) -> int:
-    """What a statistics pass holds whatever its batch: the d x d Gram sums it adds into."""
-    return 3 * shape.hidden**2 * F32
+    """What a statistics pass holds whatever its batch: the d x d Gram sums it adds into
+    (float64: order-independent sums, ``statistics.py``)."""
+    return 3 * shape.hidden**2 * F64
 
 
 def block_bytes(shape: BlockShape) -> int:

@@ -96,11 +96,15 @@ def test_two_ranks_prune_like_one_process(tmp_path, method):
     for name, reference in single.state_dict().items():
         # each solve is broadcast from the rank that ran it: the ranks' models are bit-identical
         assert torch.equal(ranks[0][name], ranks[1][name]), name
-        if name in names:
-            # Gram sums in another order: the same masks, weights equal to float rounding
+        if name in names and method == "sparsellm":
+            # the joint FFN solve's own float32 token sums add per-rank partials (its CG
+            # refits amplify that rounding to ~2e-5 here), and the next blocks' inputs follow:
+            # the same masks, weights equal to 1e-4 relative
             assert torch.equal(ranks[0][name] == 0, reference == 0), name
-            assert torch.allclose(ranks[0][name], reference, rtol=1e-4, atol=1e-5), name
+            error = (ranks[0][name] - reference).norm() / reference.norm()
+            assert error < 1e-4, (name, float(error))
         else:
+            # whole batches per rank and float64 statistics sums: the very same Hessians
             assert torch.equal(ranks[0][name], reference), name
 
 
@@ -140,12 +144,22 @@ def test_owners_balance_costs_deterministically():
     assert balanced_owners([5.0], 3) == [0]
 
 
-def test_shard_takes_every_nth_window_and_needs_one_per_rank(monkeypatch):
+def test_shard_deals_whole_runs_and_needs_one_window_per_rank(monkeypatch):
     import sparsellm.distributed as distributed
 
     windows = torch.arange(10).reshape(5, 2)
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))
-    assert torch.equal(distributed.shard(windows), windows[1::2])
+    assert torch.equal(distributed.shard(windows), windows[1::2])  # runs of one window
+    assert torch.equal(distributed.shard(windows, 2), windows[2:4])  # runs [0,1] [2,3] [4]
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    assert torch.equal(distributed.shard(windows, 2), windows[[0, 1, 4]])
+    # runs shrink until every rank has one: 64 windows in runs of 32 for 2 ranks, 16 for 4
+    assert distributed.shared_run(64, 32) == 32
+    monkeypatch.setattr(distributed, "world", lambda: (0, 4))
+    assert distributed.shared_run(64, 32) == 16 and distributed.shared_run(5, 32) == 1
+    for rank in range(4):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 4))
+        assert distributed.shard(windows, distributed.shared_run(5, 32)).shape[0] >= 1
     monkeypatch.setattr(distributed, "world", lambda: (0, 8))
     with pytest.raises(UserError, match="5 windows cannot be shared by 8"):
         distributed.shard(windows)
@@ -196,5 +210,4 @@ def test_torchrun_prune_writes_once_and_matches_one_process(tmp_path, model_dir,
     for (name, a), (_, b) in zip(
         models[0].named_parameters(), models[1].named_parameters(), strict=True
     ):
-        assert torch.equal(a == 0, b == 0), name
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+        assert torch.equal(a, b), name  # the same Hessians: the same model, bit for bit

@@ -74,3 +74,36 @@ def test_non_finite_gram_raises_at_once():
     H[0, 0] = float("nan")
     with pytest.raises(NumericalError, match="NaN"):
         damped_cholesky(H, 0.01)
+
+
+@pytest.mark.parametrize("width", [40, 300])  # one Gram block, and several (upper triangle)
+def test_statistics_do_not_depend_on_the_order_of_the_batches(width):
+    """Each batch's Gram is formed in float32 and summed in float64: any order of the batches
+    (as ranks holding whole batches produce) gives the very same Hessian and squared norms,
+    and they equal the float64 Gram of all rows rounded once to float32 up to its rounding."""
+    from torch import nn
+
+    from sparsellm.solvers import Statistic
+    from sparsellm.statistics import StatisticsCollector
+
+    torch.manual_seed(0)
+    # magnitudes spread over 4 decades, as activation outliers are
+    batches = [torch.randn(3, 50, width) * torch.logspace(-2, 2, width) for _ in range(6)]
+    layer = nn.Linear(width, 8)
+
+    def statistics(order):
+        with StatisticsCollector({"layer": layer}, Statistic.HESSIAN) as collector:
+            for i in order:
+                collector.next_batch()
+                layer(batches[i])
+            return collector.results()["layer"]
+
+    first = statistics(range(6))
+    for order in ([5, 4, 3, 2, 1, 0], [2, 0, 5, 1, 3, 4]):
+        again = statistics(order)
+        assert torch.equal(first.hessian, again.hessian)
+        assert torch.equal(first.sq_norms, again.sq_norms)
+    rows = torch.cat(batches).reshape(-1, width).double()
+    exact = (rows.T @ rows / rows.shape[0]).float()
+    assert first.tokens == rows.shape[0]
+    assert torch.allclose(first.hessian, exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
