@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sparsellm.masks import SparsityTarget, is_valid_nm, prune_counts
 from sparsellm.solvers import NumericalError, obs_prune
 from sparsellm.solvers.sparsellm import sparsellm_ffn
-from sparsellm.solvers.sparsellm.activations import BUILTIN
+from sparsellm.solvers.sparsellm.activations import BUILTIN, resolve_activation
 from sparsellm.solvers.sparsellm.auxiliaries import (
     newton_step,
     p_system,
@@ -321,13 +321,43 @@ def test_chunking_does_not_change_the_result():
 def test_callable_and_module_activations():
     problem, _ = ffn_problem("gelu")
     named = solve(problem, "gelu", SparsityTarget(0.5), epochs=1)
-    # An unknown callable goes through autograd derivatives; same function, same result.
-    custom = solve(problem, lambda x: 0.5 * x * (1 + torch.erf(x / 2**0.5)), SparsityTarget(0.5))
+    # A callable that computes a built-in is that built-in (closed-form derivatives) ...
+    spelled = solve(problem, lambda x: 0.5 * x * (1 + torch.erf(x / 2**0.5)), SparsityTarget(0.5))
     module = solve(problem, torch.nn.GELU(), SparsityTarget(0.5), epochs=1)
-    assert custom.output_error == pytest.approx(named.output_error, rel=1e-3)
+    assert spelled.output_error == named.output_error
     assert module.output_error == named.output_error
+    # ... one that does not goes through autograd: a nearly equal function, a near result.
+    autograd = resolve_activation(lambda x: x * torch.sigmoid(x * 1.0001))
+    assert autograd.name == "<lambda>"
+    silu = solve(problem, "silu", SparsityTarget(0.5), epochs=1)
+    other = solve(problem, autograd.fn, SparsityTarget(0.5), epochs=1)
+    assert other.output_error == pytest.approx(silu.output_error, rel=1e-3)
     with pytest.raises(ValueError, match="unknown activation"):
         solve(problem, "mish", SparsityTarget(0.5))
+
+
+@pytest.mark.parametrize(
+    ("name", "builtin"),
+    [
+        ("silu", "silu"),
+        ("gelu", "gelu"),
+        ("gelu_new", "gelu_tanh"),
+        ("gelu_fast", "gelu_tanh"),
+        ("gelu_pytorch_tanh", "gelu_tanh"),
+        ("quick_gelu", None),
+        ("relu2", None),
+    ],
+)
+def test_transformers_activations_are_known_by_what_they_compute(name, builtin):
+    """transformers 5 wraps SiLU and the GELUs in its own classes: they must still get the
+    closed-form derivatives; lookalikes that differ (QuickGELU, ReLU²) must not."""
+    from transformers.activations import ACT2FN
+
+    resolved = resolve_activation(ACT2FN[name])
+    if builtin is None:
+        assert resolved.name not in BUILTIN
+    else:
+        assert resolved is BUILTIN[builtin]
 
 
 def test_epochs_zero_and_progress_and_history():
