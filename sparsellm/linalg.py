@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -9,6 +11,28 @@ import torch
 from sparsellm.errors import NumericalError
 
 GRAM_BLOCK = 256
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """Run what is inside on one CPU thread (a no-op elsewhere, or with one thread already).
+
+    For LAPACK's factorisations (Cholesky, its inverse, triangular solves, eigh): with 1 and 2
+    threads they round differently, matrix products do not. On one thread they give the same
+    bits whatever ``torch.get_num_threads()`` is, so one process using every core and torchrun
+    ranks with one thread each prune alike. They run once per layer group (d³/3), a small
+    cost next to a solve's products.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 # The damping rule of every damped Cholesky factorisation (:func:`damped_cholesky`).
 # A requested damping of 0 is tried as asked (``--dampening 0`` means none); when that fails
@@ -99,7 +123,8 @@ def damped_cholesky(
     for retries in range(max_retries + 1):
         if retries:
             fraction = fraction * 10 if fraction > 0 else DAMPING_FLOOR
-        factor, failed = torch.linalg.cholesky_ex(gram + fraction * mean * eye)
+        with one_thread(gram.device):
+            factor, failed = torch.linalg.cholesky_ex(gram + fraction * mean * eye)
         if not failed:
             return DampedCholesky(factor, fraction, retries)
     raise NumericalError(f"Gram matrix not positive definite even with damping {fraction:g}")

@@ -107,3 +107,34 @@ def test_statistics_do_not_depend_on_the_order_of_the_batches(width):
     exact = (rows.T @ rows / rows.shape[0]).float()
     assert first.tokens == rows.shape[0]
     assert torch.allclose(first.hessian, exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
+
+
+def test_factorisations_do_not_depend_on_the_thread_count():
+    """LAPACK rounds differently on 1 and 2 threads; the solvers' factorisations run on one,
+    so a process using every core and torchrun ranks with one thread each get the same bits."""
+    from sparsellm.solvers.admm import eigenbasis
+    from sparsellm.solvers.base import inverse_hessian_cholesky
+    from sparsellm.solvers.sparsellm.auxiliaries import p_system
+    from sparsellm.solvers.sparsellm.weights import damped_inverse
+
+    torch.manual_seed(0)
+    rows = torch.randn(2000, 600)
+    hessian = rows.T @ rows / 2000
+    down = torch.randn(600, 900)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(
+                [
+                    inverse_hessian_cholesky(hessian, 0.01)[0],
+                    damped_inverse(hessian, 0.01)[0],
+                    p_system(down, 0.5),
+                    *eigenbasis(hessian, 0.01),
+                ]
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)

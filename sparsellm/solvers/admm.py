@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from sparsellm.linalg import one_thread
 from sparsellm.masks import SparsityTarget, nm_mask, prune_counts, smallest_mask
 from sparsellm.solvers.base import LayerStatistics, SolveResult
 
@@ -54,7 +55,8 @@ def eigenbasis(hessian: torch.Tensor, dampening: float) -> Eigenbasis:
     H = H * scale[:, None] * scale[None, :]
     H.diagonal().copy_(torch.where(alive, H.diagonal(), torch.ones_like(diagonal)))
     H.diagonal().add_(dampening)  # the scaled mean diagonal is 1: SparseGPT's damping fraction
-    values, vectors = torch.linalg.eigh(H)
+    with one_thread(H.device):
+        values, vectors = torch.linalg.eigh(H)
     return Eigenbasis(scale.float(), H.float(), vectors.float(), values.clamp_min(0).float())
 
 

@@ -15,7 +15,7 @@ import torch
 # NumericalError lives in sparsellm.errors so that sparsellm.linalg can raise it without an
 # import cycle; solvers and their callers keep importing it from here.
 from sparsellm.errors import NumericalError
-from sparsellm.linalg import DAMPING_RETRIES, damped_cholesky, factor_dtype
+from sparsellm.linalg import DAMPING_RETRIES, damped_cholesky, factor_dtype, one_thread
 
 
 class Statistic(Enum):
@@ -66,7 +66,8 @@ def inverse_hessian_cholesky(
         # if it does not, the same rule goes on, tenfold damping, from where it stopped.
         L, fraction, more = damped_cholesky(H, fraction, max_retries=max_retries - retries)
         retries += more
-        U, failed = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        with one_thread(L.device):
+            U, failed = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if not failed and torch.isfinite(U).all():
             return U.to(torch.float32), fraction, retries
         if retries >= max_retries:

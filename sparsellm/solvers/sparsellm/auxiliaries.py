@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsellm.linalg import sq_norm
+from sparsellm.linalg import one_thread, sq_norm
 from sparsellm.solvers.base import NumericalError
 from sparsellm.solvers.sparsellm.activations import Activation
 from sparsellm.solvers.sparsellm.state import NamedSums
@@ -40,9 +40,11 @@ def p_system(W2: Tensor, c: float) -> Tensor:
     for dtype in dict.fromkeys((work, torch.float64)):
         K = (W2 @ W2.T).to(dtype)
         K.diagonal().add_(c)
-        L, failed = torch.linalg.cholesky_ex(K)
-        if not failed:
-            return torch.cholesky_inverse(L).to(torch.float32)
+        with one_thread(K.device):
+            L, failed = torch.linalg.cholesky_ex(K)
+            inverse = None if failed else torch.cholesky_inverse(L)
+        if inverse is not None:
+            return inverse.to(torch.float32)
     raise NumericalError("p-update system W2W2ᵀ + (γ/β)I is not positive definite")
 
 

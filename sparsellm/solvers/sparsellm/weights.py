@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsellm.linalg import damped_cholesky
+from sparsellm.linalg import damped_cholesky, one_thread
 from sparsellm.masks import SparsityTarget
 from sparsellm.solvers.base import NumericalError
 from sparsellm.solvers.sparsegpt import inverse_factor, obs_prune
@@ -62,7 +62,9 @@ def damped_inverse(gram: Tensor, dampening: float) -> tuple[Tensor, int]:
     """
     work = torch.float64 if gram.device.type == "cpu" else torch.float32
     factor, _, retries = damped_cholesky(gram.to(work), dampening)
-    return torch.cholesky_inverse(factor).to(torch.float32), retries
+    with one_thread(factor.device):
+        inverse = torch.cholesky_inverse(factor)
+    return inverse.to(torch.float32), retries
 
 
 def anchored_ls(anchor: Tensor, gram: Tensor, cross: Tensor, inverse: Tensor) -> Tensor:
