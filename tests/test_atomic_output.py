@@ -108,6 +108,7 @@ class _SignalInFinalizer:
         sum(range(1000))  # Python code after the kill: the exception is raised (and lost) here
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # on purpose
 @pytest.mark.parametrize(("signum", "code", "word"), STOPS)
 def test_signal_swallowed_by_a_finalizer_still_stops(
     capsys, monkeypatch, tmp_path, model_dir, signum, code, word
