@@ -98,7 +98,7 @@ class _FFNRecorder:
         self.tokens = job.inputs.tokens
         self.data: _FFNData | None = None
         self.ffn_out: torch.Tensor | None = None
-        self.batch = self.x_rows = self.rows = 0
+        self.x_rows = self.rows = 0
 
     def _buffers(self, x: torch.Tensor) -> _FFNData:
         shape, device = (self.tokens, x.shape[-1]), self.job.options.device
@@ -127,7 +127,7 @@ class _FFNRecorder:
             self.data.residual[rows].copy_(block_out.reshape(-1, d).float().sub_(ffn_out))
         else:
             self.data.target[rows].copy_(ffn_out)
-        self.rows, self.batch, self.ffn_out = rows.stop, self.batch + 1, None
+        self.rows, self.ffn_out = rows.stop, None
 
 
 def _capture_ffn(
