@@ -18,6 +18,7 @@ block pruner and the solvers behind it).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsellm.masks import SparsityTarget
-from sparsellm.memory import BlockShape, Budget, return_freed_memory, to_host
+from sparsellm.memory import (
+    BlockShape,
+    Budget,
+    block_sized_windows,
+    return_freed_memory,
+    to_host,
+)
 from sparsellm.models import Adapter
 from sparsellm.report import BlockResult, PruneReport
 
@@ -71,15 +78,19 @@ class BlockInputs:
     @property
     def tokens(self) -> int:
         """Tokens over all batches (of this rank)."""
-        return sum(h.numel() // h.shape[-1] for h in self.hidden)
+        shapes = getattr(self.hidden, "shapes", None) or [h.shape for h in self.hidden]
+        return sum(math.prod(shape[:-1]) for shape in shapes)
 
     @torch.no_grad()
     def run(
-        self, block: nn.Module, collect: Callable[[torch.Tensor], None] | None = None
+        self,
+        block: nn.Module,
+        collect: Callable[[torch.Tensor], None] | None = None,
+        outputs: list | None = None,
     ) -> list[torch.Tensor]:
-        """``block`` over every batch; the outputs (on the host), unless ``collect`` takes each
-        one (on the device)."""
-        outputs = []
+        """``block`` over every batch; the outputs (on the host, appended to ``outputs``:
+        by default a new list), unless ``collect`` takes each one (on the device)."""
+        outputs = [] if outputs is None else outputs
         for hidden, args, kwargs in self.batches():
             raw = block(hidden, *args, **kwargs)
             self.output_format = len(raw) if isinstance(raw, tuple | list) else None
@@ -129,8 +140,11 @@ class BlockJob:
         return SparsityTarget(sparsity=self.sparsities[relative])
 
     def forward(self, collect: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
-        """The block over every calibration batch (see :meth:`BlockInputs.run`)."""
-        return self.inputs.run(self.block, collect)
+        """The block over every calibration batch (see :meth:`BlockInputs.run`); the outputs
+        go where the store keeps a pass's outputs (an out-of-core store: in a file)."""
+        store = self.options.store
+        outputs = store.output_batches() if store is not None and collect is None else None
+        return self.inputs.run(self.block, collect, outputs)
 
 
 # A block pruner rewrites the weights of ``job.layers`` and says what it did.
@@ -212,6 +226,7 @@ def capture_block_inputs(
 ) -> BlockInputs:
     """Run the model up to block 0 for each batch of ``windows`` and record what block 0 gets,
     in host memory. Batches hold ``batch_size`` windows, fewer where the device budget says so
+    or an out-of-core run on the CPU keeps them to about a block's bytes
     (each run of ``batch_size`` windows is then cut into pieces; a batch never spans two runs,
     so ranks holding whole runs, ``distributed.shard``, see the batches one process sees).
 
@@ -222,6 +237,8 @@ def capture_block_inputs(
     shape = block_shape(adapter, blocks[0], _hidden_width(model))
     seqlen = windows.shape[1]
     per_batch = options.budget.forward_windows(shape, seqlen, options.batch_size)
+    if options.store is not None and options.store.out_of_core and options.device.type == "cpu":
+        per_batch = min(per_batch, block_sized_windows(shape, seqlen))
     hidden, args_list, kwargs_list = [], [], []
     host = torch.device("cpu")
 
@@ -237,7 +254,7 @@ def capture_block_inputs(
 
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
-        with rest_on_device(adapter, options.device):
+        with (options.store or BlockStore()).rest(adapter, options.device):
             for run in windows.split(options.batch_size):
                 for part in run.split(per_batch):
                     with contextlib.suppress(_Captured):
@@ -259,6 +276,8 @@ class BlockStore:
     moved to the device for its visit and back home afterwards. Out-of-core stores read a
     block's tensors when it is fetched and write or drop them when it is released."""
 
+    out_of_core = False  # True: host memory is short (CPU forward batches are kept small)
+
     def __init__(self) -> None:
         self._home: dict[int, torch.device] = {}
 
@@ -271,6 +290,16 @@ class BlockStore:
         """The caller is done with block ``index``; ``completed``: its visit ended normally
         (the weights are final), not by an exception."""
         block.to(self._home.pop(index))
+
+    def output_batches(self) -> list:
+        """An empty list for a pass's block outputs (the guard's dense reference, the next
+        block's inputs), one tensor per batch, appended in order; here in host memory."""
+        return []
+
+    def rest(self, adapter: Adapter, device: torch.device) -> contextlib.AbstractContextManager:
+        """Everything outside the decoder blocks (embeddings, final norm, head) on ``device``
+        for the duration: capture and evaluation need it, a block's pruning does not."""
+        return rest_on_device(adapter, device)
 
 
 def stream_blocks(
@@ -378,7 +407,9 @@ def prune_blocks(
     inputs, sparsities = None, None
     if windows is not None:
         ids = windows[:1, :CHAIN_CHECK_TOKENS]
-        check_block_chain(model, adapter.blocks(), ids, options.store)
+        store = options.store
+        with store.rest(adapter, torch.device("cpu")) if store else contextlib.nullcontext():
+            check_block_chain(model, adapter.blocks(), ids, store)
         if allocator is not None:  # before --resume restores anything: the dense model's
             started = time.perf_counter()
             dense_pass(model, adapter, windows, target, options, allocator)

@@ -104,7 +104,10 @@ def windows_nll(
     """
     if across_ranks:
         windows = shard(windows)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:  # where the model is; an out-of-core skeleton (all on meta): the host
+        real = (p.device for p in model.parameters() if not p.is_meta)
+        device = next(real, torch.device("cpu"))
+    device = torch.device(device)
     batch_size = min(batch_size, logits_batch_limit(model, windows.shape[1]))
     if streamed is None:
         streamed = store is not None or not on_device(model, device)
@@ -173,16 +176,17 @@ def _streamed_logits(
     store: BlockStore | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     from sparsellm.engine import (
+        BlockStore,
         EngineOptions,
         blocks_replaced,
         capture_block_inputs,
-        rest_on_device,
         stream_blocks,
     )
     from sparsellm.models import get_adapter
 
     adapter = get_adapter(model)
-    options = EngineOptions(device=device, batch_size=batch_size, progress=False)
+    store = store or BlockStore()
+    options = EngineOptions(device=device, batch_size=batch_size, progress=False, store=store)
     inputs = capture_block_inputs(model, adapter, windows, options)
     formats: list[int | None] = []
     blocks = stream_blocks(adapter, device, "perplexity (streamed)", progress, store)
@@ -191,9 +195,11 @@ def _streamed_logits(
         formats.append(inputs.output_format)
     stand_ins = nn.ModuleList(_HandOn(f) for f in formats[:-1])
     stand_ins.append(_HandOn(formats[-1], final=inputs.hidden))
-    with rest_on_device(adapter, device), blocks_replaced(adapter, stand_ins):
-        for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start : start + batch_size].to(device)
+    with store.rest(adapter, device), blocks_replaced(adapter, stand_ins):
+        start = 0  # in the capture's batches (an out-of-core run may have cut them smaller)
+        for final in inputs.hidden:
+            ids = windows[start : start + final.shape[0]].to(device)
+            start += final.shape[0]
             yield ids, model(input_ids=ids, use_cache=False).logits
 
 

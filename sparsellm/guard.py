@@ -19,6 +19,7 @@ from torch import nn
 from sparsellm.distributed import all_reduce_sum_
 from sparsellm.engine import BlockJob, BlockPruner
 from sparsellm.errors import NonFiniteError
+from sparsellm.memory import to_host
 from sparsellm.models import linear_weight, set_linear_weight
 from sparsellm.report import BlockResult
 from sparsellm.solvers import NumericalError
@@ -35,11 +36,38 @@ def output_error(outputs: list[torch.Tensor], dense: list[torch.Tensor]) -> floa
     """``‖B − B₀‖² / ‖B₀‖²`` over all batches and ranks, accumulated in float32."""
     sums = torch.zeros(2, dtype=torch.float64, device=dense[0].device)
     for out, ref in zip(outputs, dense, strict=True):
-        ref32 = ref.float()
-        sums[0] += (out.float() - ref32).square().sum().double()
-        sums[1] += ref32.square().sum().double()
+        _add_error(sums, out, ref)
+    return _error_ratio(sums)
+
+
+def _add_error(sums: torch.Tensor, out: torch.Tensor, ref: torch.Tensor) -> None:
+    ref32 = ref.float()
+    sums[0] += (out.float() - ref32).square().sum().double()
+    sums[1] += ref32.square().sum().double()
+
+
+def _error_ratio(sums: torch.Tensor) -> float:
     all_reduce_sum_(sums)
     return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+
+
+def _outputs_and_error(job: BlockJob, dense: list[torch.Tensor]) -> tuple[list, float]:
+    """The block's outputs with its weights as they are now, and their :func:`output_error`
+    against ``dense``, batch by batch: each dense batch is dropped from ``dense`` once
+    compared, so the dense and the new outputs are never both held whole (one [N, d] less at
+    the peak)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=job.options.device)
+    store = job.options.store
+    outputs = store.output_batches() if store is not None else []  # the next block's inputs
+
+    def compare(out: torch.Tensor) -> None:
+        batch = len(outputs)
+        _add_error(sums, out, dense[batch].to(out.device))
+        dense[batch] = None
+        outputs.append(to_host(out))
+
+    job.forward(compare)
+    return outputs, _error_ratio(sums)
 
 
 def _suspicion(error: float | None, previous: float | None) -> str | None:
@@ -72,8 +100,10 @@ def _run(job: BlockJob, pruner: BlockPruner) -> BlockResult:
         _check_activations(dense, f"the dense outputs of {name}", batch)
     if job.inputs is not None and result.dense_outputs is not None:
         if result.outputs is None:
-            result.outputs = job.forward()
-        result.output_error = output_error(result.outputs, result.dense_outputs)
+            result.outputs, result.output_error = _outputs_and_error(job, result.dense_outputs)
+        else:
+            result.output_error = output_error(result.outputs, result.dense_outputs)
+        result.dense_outputs = None  # compared: no longer needed (some entries are gone)
     return result
 
 

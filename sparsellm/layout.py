@@ -243,7 +243,7 @@ def check_block_chain(
 def _visits_through(store: BlockStore, model: nn.Module, blocks: nn.ModuleList) -> list:
     """Hooks that fetch each block from ``store`` (onto the device of the rest of the model)
     as it is entered and release it as it is left, so one block is resident at a time."""
-    home = next(p.device for p in model.parameters() if not p.is_meta)
+    home = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     handles = []
     for index, block in enumerate(blocks):
 

@@ -54,19 +54,19 @@ def add_gram_upper(gram: torch.Tensor, a: torch.Tensor, blocks: list[tuple[int, 
     lower blocks are a transpose away (:func:`mirror_upper`), which saves up to half the
     FLOPs of the dominant statistics cost.
 
-    A ``gram`` wider than ``a`` (float64 sums of float32 products) gets each block's product
-    formed in ``a``'s dtype and then added: the sum of a few such products is then exact in
-    float64 for practically every entry, so it does not depend on the order of the additions
-    (:class:`~sparsellm.statistics.StatisticsCollector`). Otherwise the product accumulates
-    into ``gram`` directly (one fused ``addmm``)."""
-    fused = gram.dtype == a.dtype
+    A ``gram`` wider than ``a`` (float64 sums of float32 products) gets each block row's
+    product formed in ``a``'s dtype and then added: the sum of a few such products is then
+    exact in float64 for practically every entry, so it does not depend on the order of the
+    additions (:class:`~sparsellm.statistics.StatisticsCollector`). Otherwise the product
+    accumulates into ``gram`` directly (one fused ``addmm`` per block)."""
+    if gram.dtype != a.dtype:
+        for i0, i1 in blocks:
+            gram[i0:i1, i0:] += a[:, i0:i1].T @ a[:, i0:]
+        return
     for bi, (i0, i1) in enumerate(blocks):
         ai = a[:, i0:i1]
         for j0, j1 in blocks[bi:]:
-            if fused:
-                gram[i0:i1, j0:j1].addmm_(ai.T, a[:, j0:j1])
-            else:
-                gram[i0:i1, j0:j1] += ai.T @ a[:, j0:j1]
+            gram[i0:i1, j0:j1].addmm_(ai.T, a[:, j0:j1])
 
 
 def mirror_upper(gram: torch.Tensor, blocks: list[tuple[int, int]]) -> None:

@@ -186,6 +186,14 @@ def block_bytes(shape: BlockShape) -> int:
     return shape.params * shape.dtype_bytes
 
 
+def block_sized_windows(shape: BlockShape, seqlen: int) -> int:
+    """Windows per forward pass of an out-of-core run on the CPU: as many as keep the pass's
+    activations within about the block's own bytes (at least one). There the device's memory
+    is the host's that ``--offload disk`` saves, and the statistics do not depend on the batch
+    (``statistics.py``), so the pruned weights are those of larger batches."""
+    return int(max(1, block_bytes(shape) // (seqlen * forward_token_bytes(shape, seqlen))))
+
+
 @dataclass(frozen=True)
 class Budget:
     """Device bytes the engine may use (``None``: no limit, the settings decide)."""
@@ -228,22 +236,31 @@ class Budget:
 # the calibration tokens of this process, d, f, b as in BlockShape.
 
 
-def host_activation_bytes(shape: BlockShape, tokens: int, method: str, epochs: int = 1) -> int:
+def host_activation_bytes(
+    shape: BlockShape, tokens: int, method: str, epochs: int = 1, spilled: bool = False
+) -> int:
     """Peak host bytes of calibration activations while a block is pruned (guard on).
 
     Every calibrated method: the block inputs (``BlockInputs.hidden``) and the dense outputs
     ``B₀`` (the guard's reference, kept by the statistics pass), [N, d] in the model dtype.
-    Layer-wise methods then form the pruned outputs (one more [N, d]) before the inputs they
-    replace are dropped. SparseLLM instead holds, during its solve, ``_FFNData``: X (model
-    dtype) and one float32 [N, d] (the residual, the target being read as dense outputs minus
-    residual; or, on the general path, the target), and z, s [N, f] float32 when ``epochs`` >
-    1 (the first epoch recomputes them); its pruned outputs are formed in the residual."""
+    Layer-wise methods then form the pruned outputs batch by batch, each dense batch dropped
+    once compared with its pruned one (``guard``), so their sum stays [N, d]. SparseLLM
+    instead holds, during its solve, ``_FFNData``: X (model dtype) and one float32 [N, d]
+    (the residual, the target being read as dense outputs minus residual; or, on the general
+    path, the target), and z, s [N, f] float32 when ``epochs`` > 1 (the first epoch
+    recomputes them); its pruned outputs are formed in the residual.
+
+    ``spilled`` (an out-of-core store, ``--offload disk``): the outputs a block pass forms
+    wait in a file (``spill.py``), so layer-wise methods hold only block 0's captured inputs.
+    """
     d, f, b = shape.hidden, shape.intermediate, shape.dtype_bytes
     if method == "magnitude":  # data-free: no activations at all
         return 0
     held = 2 * tokens * d * b  # inputs + dense outputs
+    if method != "sparsellm" and spilled:
+        return tokens * d * b  # block 0's captured inputs; every output is in a file
     if method != "sparsellm":
-        return held + tokens * d * b  # + pruned outputs
+        return held  # the pruned outputs take the dense ones' place as they form
     held += tokens * d * (b + F32)  # X, residual (or target)
     if epochs > 1:
         held += tokens * f * F32 * (2 if shape.gated else 1)  # z (and s)

@@ -1,11 +1,11 @@
 """Out-of-core models (``--offload disk``): the decoder blocks wait on disk, not in memory.
 
 The model is built as a skeleton whose parameters sit on the ``meta`` device (no storage);
-buffers computed at construction (rotary ``inv_freq``) stay real. Everything outside the decoder
-blocks (embeddings, final norm, head) is read from the safetensors shards at once: capture and
-evaluation need it. A :class:`DiskStore` (the engine's :class:`~sparsellm.engine.BlockStore`
-hook) reads one block's tensors when the engine fetches it and, while pruning, writes the
-pruned block to its own output shard as soon as it is released, turning it back to ``meta``.
+buffers computed at construction (rotary ``inv_freq``) stay real. A :class:`DiskStore` (the
+engine's :class:`~sparsellm.engine.BlockStore` hook) reads one block's tensors when the engine
+fetches it and, while pruning, writes the pruned block to its own output shard as soon as it is
+released, turning it back to ``meta``; everything outside the blocks (embeddings, final norm,
+head) it reads only while capture or evaluation runs (``DiskStore.rest``).
 :class:`OffloadedModel` ties these together for the CLI and the benchmark; the staging
 directory of the output is renamed into place only once the index, config, tokenizer and
 report are there (:class:`~sparsellm.saving.StagedOutput`). Under the CLI the shards wait in
@@ -26,12 +26,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sparsellm.engine import BlockStore
+from sparsellm.engine import BlockStore, blocks_replaced
 from sparsellm.errors import UserError
 from sparsellm.memory import return_freed_memory
 from sparsellm.saving import StagedOutput, output_errors
+from sparsellm.spill import SpilledBatches
 
 if TYPE_CHECKING:
+    from sparsellm.models import Adapter
     from sparsellm.resume import RunRecord
 
 INDEX = "model.safetensors.index.json"
@@ -311,7 +313,7 @@ class ShardWriter:
 
     def finish(self, model: nn.Module, tokenizer: object, reports: dict | None = None) -> Path:
         """Index json, config, generation config, tokenizer and ``reports``; rename into
-        place. The rest of the model (outside the blocks) must have been written."""
+        place. Every shard (blocks and the rest) must have been written."""
         with output_errors(self.output):
             if self.staged is None:
                 self.staged = StagedOutput(self.output)
@@ -355,6 +357,8 @@ class DiskStore(BlockStore):
     released. With a ``writer`` (pruning), a block whose visit completed is first written to
     its output shard; without one (evaluation, the chain check), it is dropped."""
 
+    out_of_core = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -379,6 +383,41 @@ class DiskStore(BlockStore):
             place(owners, _cast(tensor, _held(owners), device))
         _move_buffers(block, device)
 
+    def output_batches(self) -> SpilledBatches:
+        """Block outputs in a temporary file beside the output shards (the system's temporary
+        directory for a rank that writes none): host memory is what this store saves."""
+        directory = self.writer.directory if self.writer is not None else None
+        return SpilledBatches(directory, pin=torch.cuda.is_available())
+
+    @contextlib.contextmanager
+    def rest(self, adapter: Adapter, device: torch.device) -> Iterator[None]:
+        """Read everything outside the blocks (embeddings, final norm, head) onto ``device``
+        for the duration, and drop it afterwards: between capture and evaluation a run holds
+        no more than one block (LLaMA-3-70B's embedding and head alone are 4 GB)."""
+        blocks = tuple(self._prefix[id(block)] for block in adapter.blocks())
+        keys = [key for key in self._owners if key in self.names and not key.startswith(blocks)]
+        wanted = {key: self.names[key] for key in keys}
+        for key, tensor in self.checkpoint.read(wanted).items():
+            place(self._owners[key], _cast(tensor, _held(self._owners[key]), device))
+        with blocks_replaced(adapter, nn.ModuleList()):
+            _move_buffers(adapter.model, device)
+        try:
+            yield
+        finally:
+            self._drop(keys)
+            with blocks_replaced(adapter, nn.ModuleList()):
+                _move_buffers(adapter.model, "cpu")
+            return_freed_memory()
+
+    def _drop(self, keys: list[str]) -> None:
+        """Turn the parameters under ``keys`` back to ``meta`` (buffers stay real)."""
+        for key in keys:
+            owners = self._owners[key]
+            module, leaf = owners[0]
+            param = module._parameters.get(leaf)
+            if param is not None and not param.is_meta:
+                place(owners, param.detach().to("meta"))
+
     def release(self, index: int, block: nn.Module, completed: bool) -> None:
         """Write the block if it was pruned to completion, then free its weights."""
         if completed and self.writer is not None:
@@ -388,12 +427,7 @@ class DiskStore(BlockStore):
                     seen.add(id(tensor))
                     tensors[name] = tensor.detach().to("cpu").contiguous()
             self.writer.write(index, tensors)
-        for key in self._keys(block):
-            owners = self._owners[key]
-            module, leaf = owners[0]
-            param = module._parameters.get(leaf)
-            if param is not None and not param.is_meta:  # buffers stay real (below)
-                place(owners, param.detach().to("meta"))
+        self._drop(self._keys(block))
         _move_buffers(block, "cpu")
         # Its tensors are gone: hand their pages back (the engine does after every block too).
         return_freed_memory()
@@ -401,9 +435,10 @@ class DiskStore(BlockStore):
 
 class OffloadedModel:
     """A model processed out of core from the safetensors checkpoint in ``directory``: the
-    skeleton with everything outside the blocks loaded (on the host), its tokenizer, and the
-    stores that read the source, prune into ``output`` and read what was written. ``dtype``
-    and ``device`` choose the weights' dtype as the in-memory loader does."""
+    skeleton (every parameter on ``meta``), its tokenizer, and the stores that read the
+    source, prune into ``output`` and read what was written. Blocks and the rest of the model
+    (embeddings, head) are read only while they are needed. ``dtype`` and ``device`` choose
+    the weights' dtype as the in-memory loader does."""
 
     def __init__(
         self,
@@ -424,11 +459,6 @@ class OffloadedModel:
         self.adapter = get_adapter(self.model)
         self.tokenizer = _tokenizer(checkpoint.directory, trust_remote_code)
         self.writer: ShardWriter | None = None
-        # Everything outside the blocks is needed by capture and evaluation: load it now.
-        owners = _owners(self.model)
-        rest = {key: name for key, name in self.names.items() if not self._in_block(key)}
-        for key, tensor in checkpoint.read(rest).items():
-            place(owners[key], _cast(tensor, _held(owners[key]), "cpu"))
 
     def _in_block(self, key: str) -> bool:
         blocks = range(len(self.adapter.blocks()))
@@ -443,26 +473,35 @@ class OffloadedModel:
     ) -> DiskStore:
         """Reads dense blocks and writes each pruned one under ``output`` (staged, or into
         ``record``, see :class:`ShardWriter`); ``None`` (a rank that does not write) drops
-        them."""
+        them. The rest of the model, which pruning leaves as it is, is written first, so
+        that :meth:`output_store` reads a whole model."""
         if output is not None:
             self.writer = ShardWriter(output, len(self.adapter.blocks()), record)
+            self._write_rest()
         return DiskStore(self.model, self.checkpoint, self.names, self.writer)
 
+    def _write_rest(self) -> None:
+        """The last shard: everything outside the blocks, read from the source."""
+        cpu = torch.device("cpu")
+        with self.source_store().rest(self.adapter, cpu):
+            seen, rest = set(), {}
+            state = self.model.state_dict(keep_vars=True)
+            for key in (k for k in state if not self._in_block(k)):
+                if id(state[key]) not in seen:  # tied weights are stored once, as save_pretrained
+                    seen.add(id(state[key]))
+                    rest[key] = state[key].detach().to(cpu).contiguous()
+            self.writer.write(self.writer.count - 1, rest)
+            del rest, state
+
     def output_store(self) -> DiskStore:
-        """Reads the pruned blocks back from the shards written so far."""
+        """Reads the pruned blocks (and the rest of the model) back from the shards written so
+        far."""
         written = self.writer.written()
         return DiskStore(self.model, written, {name: name for name in written.files})
 
     def finish(self, reports: dict | None = None) -> Path:
-        """Write the rest of the model, the index, config, tokenizer and ``reports``, and put
-        the output in place."""
-        seen, rest = set(), {}
-        state = self.model.state_dict(keep_vars=True)
-        for key in (k for k in state if not self._in_block(k)):
-            if id(state[key]) not in seen:  # tied weights are stored once, as save_pretrained
-                seen.add(id(state[key]))
-                rest[key] = state[key].detach().to("cpu").contiguous()
-        self.writer.write(self.writer.count - 1, rest)
+        """Write the index, config, tokenizer and ``reports``, and put the output in place
+        (every shard is written by now)."""
         return self.writer.finish(self.model, self.tokenizer, reports)
 
     def discard(self) -> None:

@@ -77,10 +77,15 @@ def mode_figures(
     )
     minimum = block_bytes(shape) + max(least["forward"], least["solve"])
     model = (layers * shape.params + other_params) * shape.dtype_bytes
-    # Offloaded: the tensors outside the blocks stay in memory, one block visits at a time.
-    resident = other_params * shape.dtype_bytes + block_bytes(shape) if offload else model
-    activations = host_activation_bytes(shape, tokens, work.method, work.epochs)
-    host = resident + activations + guard_copy_bytes(shape, work.method)
+    activations = host_activation_bytes(shape, tokens, work.method, work.epochs, offload)
+    pruning = activations + guard_copy_bytes(shape, work.method)
+    if offload:
+        # The tensors outside the blocks are read for the capture (next to the inputs it
+        # records) and dropped; while blocks are pruned one of them is resident.
+        capture = other_params * shape.dtype_bytes + tokens * shape.hidden * shape.dtype_bytes
+        host = max(capture, block_bytes(shape) + pruning)
+    else:
+        host = model + pruning
     return {
         "device_peak": device,
         "device_minimum": minimum,

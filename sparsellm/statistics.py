@@ -3,12 +3,12 @@
 Layers that read the very same input tensor (q/k/v, gate/up) share one accumulator: the Gram
 matrix is computed once per group, on its upper block triangle.
 
-Each batch's contribution is formed in float32 and added to a float64 sum. Sums of a few
+Each window's contribution is formed in float32 and added to a float64 sum. Sums of a few
 float32 numbers are exact in float64 (for practically every entry), so the statistics do not
-depend on the order the batches are added in, nor on how they are shared among ranks: K ranks
-holding whole batches get the very Hessian one process gets, bit for bit, and so the same
-masks (at 70 % SparseGPT's mask choices are chaotic in the last bit of the Hessian: float32
-sums in another order moved SmolLM2's perplexity from 175.6 to 194.7).
+depend on how the windows are batched, nor on the order the batches are added in, nor on how
+they are shared among ranks: K ranks get the very Hessian one process gets, bit for bit, and
+so the same masks (at 70 % SparseGPT's mask choices are chaotic in the last bit of the
+Hessian: float32 sums in another order moved SmolLM2's perplexity from 175.6 to 194.7).
 """
 
 from __future__ import annotations
@@ -28,15 +28,23 @@ class StopForward(Exception):
 class StatisticsCollector:
     """Context manager that hooks ``modules`` and accumulates :class:`LayerStatistics`.
 
-    Call :meth:`next_batch` before each forward pass of the block. With ``stop_early`` the
+    Call :meth:`next_batch` before each forward pass of the block. ``window``: tokens per
+    calibration window, the unit each contribution is formed over. With ``stop_early`` the
     pass is cut short (by :class:`StopForward`) as soon as the last hooked layer has recorded
     its input, which spares that layer's matmul and anything after it.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], kind: Statistic, stop_early: bool = False):
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        kind: Statistic,
+        stop_early: bool = False,
+        window: int | None = None,
+    ):
         self.modules = modules
         self.kind = kind
         self.stop_early = stop_early
+        self.window = window  # tokens per calibration window; None: a 3-D input's dim -2
         self._owner: dict[str, str] = {}  # layer -> layer whose accumulator it shares
         self._seen: list[tuple[str, torch.Tensor]] = []
         self._seen_count = 0
@@ -81,18 +89,25 @@ class StatisticsCollector:
         return hook
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        width = x.shape[1]
+        width = x.shape[-1]
         if name not in self._sums:
             size = (width, width) if self.kind is Statistic.HESSIAN else (width,)
             self._sums[name] = torch.zeros(size, dtype=torch.float64, device=x.device)
             self._blocks[name] = gram_blocks(width, 128 if width <= 1024 else 256)
             self._tokens[name] = 0
-        if self.kind is Statistic.HESSIAN:
-            add_gram_upper(self._sums[name], x, self._blocks[name])
-        else:
-            self._sums[name].add_(x.square().sum(dim=0))
-        self._tokens[name] += x.shape[0]
+        # One window (a sequence) at a time: each contribution is then the same float32
+        # product however the windows were batched, and the float64 sum of them does not
+        # depend on the batch size either (--offload disk uses smaller batches). Rows are cut
+        # by count, not by shape: OPT flattens its FFN input to [tokens, width].
+        rows = x.detach().reshape(-1, width)
+        size = self.window or (x.shape[-2] if x.dim() > 2 else rows.shape[0])
+        for window in rows.split(size):
+            window = window.to(torch.float32)
+            if self.kind is Statistic.HESSIAN:
+                add_gram_upper(self._sums[name], window, self._blocks[name])
+            else:
+                self._sums[name].add_(window.square().sum(dim=0))
+            self._tokens[name] += window.shape[0]
 
     def results(self) -> dict[str, LayerStatistics]:
         """Statistics per layer; layers of one sharing group hold the same tensors.

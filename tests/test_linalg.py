@@ -109,6 +109,35 @@ def test_statistics_do_not_depend_on_the_order_of_the_batches(width):
     assert torch.allclose(first.hessian, exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
 
 
+@pytest.mark.parametrize("kind", ["HESSIAN", "NORMS"])
+def test_statistics_do_not_depend_on_the_batch_size(kind):
+    """Windows are added one at a time: the same windows batched 1, 4 or 18 at a time give
+    the very same statistics (so --offload disk's smaller batches prune like memory's)."""
+    from torch import nn
+
+    from sparsellm.solvers import Statistic
+    from sparsellm.statistics import StatisticsCollector
+
+    torch.manual_seed(0)
+    windows = torch.randn(18, 40, 300) * torch.logspace(-2, 2, 300)
+    layer = nn.Linear(300, 8)
+
+    def statistics(batch):
+        with StatisticsCollector({"layer": layer}, Statistic[kind]) as collector:
+            for part in windows.split(batch):
+                collector.next_batch()
+                layer(part)
+            return collector.results()["layer"]
+
+    whole = statistics(18)
+    for batch in (1, 4, 7):
+        again = statistics(batch)
+        assert again.tokens == whole.tokens == 18 * 40
+        assert torch.equal(again.sq_norms, whole.sq_norms)
+        if kind == "HESSIAN":
+            assert torch.equal(again.hessian, whole.hessian)
+
+
 def test_factorisations_do_not_depend_on_the_thread_count():
     """LAPACK rounds differently on 1 and 2 threads; the solvers' factorisations run on one,
     so a process using every core and torchrun ranks with one thread each get the same bits."""

@@ -84,17 +84,27 @@ def _check_finite_inputs(job: BlockJob, stats: dict[str, LayerStatistics]) -> No
 
 
 def collect_statistics(
-    job: BlockJob, layers: dict[str, nn.Module], kind: Statistic, keep_outputs: bool = False
+    job: BlockJob,
+    layers: dict[str, nn.Module],
+    kind: Statistic,
+    keep_outputs: bool = False,
+    spill: bool = False,
 ) -> tuple[dict[str, LayerStatistics], list[torch.Tensor]]:
     """One forward pass over the calibration batches with hooks on ``layers``; returns their
     statistics and, with ``keep_outputs``, the block's outputs (weights as they are now).
+    ``spill``: the outputs are only read back batch by batch, so the block store may keep
+    them out of memory (an out-of-core store spills them to a file).
 
     Without ``keep_outputs`` each pass stops once the last hooked layer has seen its input
     (typically skipping the down projection's matmul: a quarter of a LLaMA block's FLOPs).
     """
-    outputs = []
+    store = job.options.store
+    outputs = store.output_batches() if spill and store is not None else []
     stop_early = not keep_outputs
-    with torch.no_grad(), StatisticsCollector(layers, kind, stop_early=stop_early) as collector:
+    first = job.inputs.hidden[0]
+    window = first.shape[-2] if first.dim() > 2 else None  # [windows, tokens, width]
+    collector = StatisticsCollector(layers, kind, stop_early=stop_early, window=window)
+    with torch.no_grad(), collector:
         for hidden, args, kwargs in job.inputs.batches():
             collector.next_batch()
             try:
@@ -242,7 +252,8 @@ def layerwise_pruner(statistic: Statistic, solve: LayerSolve) -> BlockPruner:
         if statistic is not Statistic.NONE:
             # The dense outputs cost the pass its early stop, and buy the divergence guard.
             keep = job.options.guard
-            stats, dense = collect_statistics(job, job.layers, statistic, keep_outputs=keep)
+            # Read back only by the guard, a batch at a time: they may spill.
+            stats, dense = collect_statistics(job, job.layers, statistic, keep, spill=True)
         rows = solve_layers(job, job.layers, stats, solve)
         return BlockResult(layers=rows, dense_outputs=dense or None)
 
