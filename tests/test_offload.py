@@ -259,3 +259,20 @@ def test_spilled_batches_read_back_what_was_written(tmp_path, dtype):
         spilled[0] = batches[0]
     with pytest.raises(IndexError):
         spilled[3] = None
+
+
+def test_sparsellm_reads_spilled_inputs_after_a_layerwise_block(tmp_path):
+    """Block 0's FFN is partly skipped, so it is pruned layer by layer and its outputs (block
+    1's inputs) spill to a file; SparseLLM then reads them back as rows: same weights as in
+    memory."""
+    source = checkpoint(tmp_path, "llama", sharded=True)
+    options = dict(method="sparsellm", sparsity=0.5, skip=r"layers\.0\.mlp\.down_proj")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    prune(model, None, prune_config(options, require_io=False), calibration_ids=calibration())
+    offloaded = OffloadedModel(source, "auto")
+    store = offloaded.pruning_store(tmp_path / "out")
+    config = prune_config(options, require_io=False)
+    report = prune(offloaded.model, None, config, calibration_ids=calibration(), store=store)
+    offloaded.finish()
+    assert [b["path"] for b in report.blocks][:2] == ["layerwise", "residual"]
+    assert_same_weights(model.state_dict(), tmp_path / "out")
