@@ -76,10 +76,15 @@ class BlockInputs:
             )
 
     @property
+    def shapes(self) -> list[torch.Size]:
+        """Each batch's hidden-state shape (spilled batches say theirs without being read)."""
+        spilled = getattr(self.hidden, "shapes", None)
+        return spilled if spilled is not None else [h.shape for h in self.hidden]
+
+    @property
     def tokens(self) -> int:
         """Tokens over all batches (of this rank)."""
-        shapes = getattr(self.hidden, "shapes", None) or [h.shape for h in self.hidden]
-        return sum(math.prod(shape[:-1]) for shape in shapes)
+        return sum(math.prod(shape[:-1]) for shape in self.shapes)
 
     @torch.no_grad()
     def run(
@@ -142,9 +147,14 @@ class BlockJob:
     def forward(self, collect: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
         """The block over every calibration batch (see :meth:`BlockInputs.run`); the outputs
         go where the store keeps a pass's outputs (an out-of-core store: in a file)."""
-        store = self.options.store
-        outputs = store.output_batches() if store is not None and collect is None else None
+        outputs = self.output_batches() if collect is None else None
         return self.inputs.run(self.block, collect, outputs)
+
+    def output_batches(self) -> list:
+        """Where a pass over this block keeps its outputs: the store's container (a file for
+        an out-of-core store), a list in memory without one."""
+        store = self.options.store
+        return store.output_batches() if store is not None else []
 
 
 # A block pruner rewrites the weights of ``job.layers`` and says what it did.

@@ -57,8 +57,7 @@ def _outputs_and_error(job: BlockJob, dense: list[torch.Tensor]) -> tuple[list, 
     compared, so the dense and the new outputs are never both held whole (one [N, d] less at
     the peak)."""
     sums = torch.zeros(2, dtype=torch.float64, device=job.options.device)
-    store = job.options.store
-    outputs = store.output_batches() if store is not None else []  # the next block's inputs
+    outputs = job.output_batches()  # the next block's inputs
 
     def compare(out: torch.Tensor) -> None:
         batch = len(outputs)

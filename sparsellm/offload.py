@@ -352,6 +352,12 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def _outside_blocks(keys: list[str], adapter: Adapter) -> list[str]:
+    """The ``keys`` (state_dict names) of tensors outside the decoder blocks."""
+    prefixes = tuple(f"{adapter.block_name(i)}." for i in range(len(adapter.blocks())))
+    return [key for key in keys if not key.startswith(prefixes)]
+
+
 class DiskStore(BlockStore):
     """Blocks read from a checkpoint's shards when fetched and turned back to ``meta`` when
     released. With a ``writer`` (pruning), a block whose visit completed is first written to
@@ -394,8 +400,7 @@ class DiskStore(BlockStore):
         """Read everything outside the blocks (embeddings, final norm, head) onto ``device``
         for the duration, and drop it afterwards: between capture and evaluation a run holds
         no more than one block (LLaMA-3-70B's embedding and head alone are 4 GB)."""
-        blocks = tuple(self._prefix[id(block)] for block in adapter.blocks())
-        keys = [key for key in self._owners if key in self.names and not key.startswith(blocks)]
+        keys = _outside_blocks([key for key in self._owners if key in self.names], adapter)
         wanted = {key: self.names[key] for key in keys}
         for key, tensor in self.checkpoint.read(wanted).items():
             place(self._owners[key], _cast(tensor, _held(self._owners[key]), device))
@@ -460,10 +465,6 @@ class OffloadedModel:
         self.tokenizer = _tokenizer(checkpoint.directory, trust_remote_code)
         self.writer: ShardWriter | None = None
 
-    def _in_block(self, key: str) -> bool:
-        blocks = range(len(self.adapter.blocks()))
-        return any(key.startswith(f"{self.adapter.block_name(i)}.") for i in blocks)
-
     def source_store(self) -> DiskStore:
         """Reads the dense blocks from the source checkpoint."""
         return DiskStore(self.model, self.checkpoint, self.names)
@@ -486,7 +487,7 @@ class OffloadedModel:
         with self.source_store().rest(self.adapter, cpu):
             seen, rest = set(), {}
             state = self.model.state_dict(keep_vars=True)
-            for key in (k for k in state if not self._in_block(k)):
+            for key in _outside_blocks(list(state), self.adapter):
                 if id(state[key]) not in seen:  # tied weights are stored once, as save_pretrained
                     seen.add(id(state[key]))
                     rest[key] = state[key].detach().to(cpu).contiguous()

@@ -98,11 +98,10 @@ def collect_statistics(
     Without ``keep_outputs`` each pass stops once the last hooked layer has seen its input
     (typically skipping the down projection's matmul: a quarter of a LLaMA block's FLOPs).
     """
-    store = job.options.store
-    outputs = store.output_batches() if spill and store is not None else []
+    outputs = job.output_batches() if spill else []
     stop_early = not keep_outputs
-    first = job.inputs.hidden[0]
-    window = first.shape[-2] if first.dim() > 2 else None  # [windows, tokens, width]
+    first = job.inputs.shapes[0]
+    window = first[-2] if len(first) > 2 else None  # [windows, tokens, width]
     collector = StatisticsCollector(layers, kind, stop_early=stop_early, window=window)
     with torch.no_grad(), collector:
         for hidden, args, kwargs in job.inputs.batches():
