@@ -4,6 +4,7 @@ import torch
 from sparsellm.masks import (
     SparsityTarget,
     is_valid_nm,
+    kth_smallest,
     nm_mask,
     prune_counts,
     rowwise_mask,
@@ -80,3 +81,22 @@ def test_target_fraction():
     assert SparsityTarget.parse(pattern="2:4").fraction == 0.5
     assert SparsityTarget.parse(pattern="1:4").fraction == 0.75
     assert SparsityTarget.parse(sparsity=0.7).fraction == 0.7
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "misleading-sample", "nan"])
+@pytest.mark.parametrize("share", [1e-5, 0.3, 0.7, 0.999])
+def test_kth_smallest_equals_kthvalue(kind, share):
+    """The bracketed search returns exactly what ``kthvalue`` does, also where the strided
+    sample misrepresents the tensor (the fallback) or the tensor holds NaN."""
+    g = torch.Generator().manual_seed(3)
+    n = 300_007
+    flat = torch.randn(n, generator=g)
+    if kind == "ties":
+        flat = torch.randint(0, 7, (n,), generator=g).float()
+    elif kind == "misleading-sample":
+        flat[:: n // (1 << 14)] = 100.0  # every sampled entry is the largest value
+    elif kind == "nan":
+        flat[::1000] = float("nan")
+    count = max(1, int(share * n))
+    expected = flat.kthvalue(count).values
+    torch.testing.assert_close(kth_smallest(flat, count), expected, rtol=0, atol=0, equal_nan=True)

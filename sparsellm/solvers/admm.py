@@ -135,10 +135,11 @@ def sparse_least_squares(
     stable = done = 0
     while done < iterations and stable < patience:
         W = ((cross_q + rho * ((D - V) @ Q)) / (values + rho)) @ Q.T  # (C + ρ(D − V))(H + ρI)⁻¹
-        new_mask = project(W + V, target, count)
+        shifted = W + V
+        new_mask = project(shifted, target, count)
         stable = stable + 1 if torch.equal(new_mask, mask) else 0
         mask = new_mask
-        D = (W + V).masked_fill(mask, 0.0)
+        D = shifted.masked_fill_(mask, 0.0)
         V += W - D
         rho *= growth
         done += 1
