@@ -53,7 +53,7 @@ def prune_model(
         pattern: ``"N:M"``: keep at most N of every M consecutive input weights.
         method: a registered method (:data:`sparsellm.pruners.METHODS`): ``magnitude``,
             ``wanda``, ``sparsegpt`` (local, layer by layer) or ``sparsellm`` (global:
-            attention by SparseGPT, FFN layers jointly).
+            attention by ADMM, FFN layers jointly).
         calibration: a text source name or path (see :mod:`sparsellm.data`) or an integer
             tensor ``[n, seqlen]`` of token ids.
         progress: show tqdm progress bars.

@@ -165,6 +165,13 @@ def solver_fixed_bytes(shape: BlockShape, method: str) -> int:
     return local + matrices * shape.ffn_weight_bytes + 3 * f * f * F32
 
 
+def admm_basis_bytes(width: int) -> int:
+    """Device bytes of the ADMM eigenbasis of a ``width`` x ``width`` Gram while it is formed:
+    the float64 copy and eigenvectors and LAPACK's 2n² workspace of ``eigh``, then the float32
+    scaled Gram and eigenvectors kept (10 float32 matrices in all)."""
+    return 10 * width * width * F32
+
+
 def solver_pass_bytes(shape: BlockShape) -> int:
     """Device bytes a SparseLLM pass over the tokens holds besides its chunk (the weight
     solves' stacks are gone by then): the dense and current float32 FFN weights (6 f x d gated,
@@ -218,6 +225,15 @@ class Budget:
         room = self.total - block_bytes(shape) - forward_fixed_bytes(shape)
         fit = room // max(1, seqlen * forward_token_bytes(shape, seqlen))
         return int(max(1, min(requested, fit, MAX_FORWARD_TOKENS // seqlen)))
+
+    def fits_ffn_admm(self, shape: BlockShape) -> bool:
+        """Whether SparseLLM's ADMM supports fit next to the block and the weight solves: the
+        eigenbasis of the f x f activation Gram is the largest (LLaMA-70B: 33 GiB). Where it
+        does not, the FFN's weight steps take the OBS sweep (reported per block)."""
+        if self.total is None:
+            return True
+        solves = solver_fixed_bytes(shape, "sparsellm") + admm_basis_bytes(shape.intermediate)
+        return block_bytes(shape) + solves <= self.total
 
     def solver_tokens(self, shape: BlockShape, default: int, device_type: str) -> int:
         """Tokens per chunk of a SparseLLM pass: ``default`` without a limit, else what fits
@@ -283,16 +299,20 @@ def device_phase_bytes(
     windows: int,
     solver_chunk: int,
     device_type: str,
+    ffn_solver: str = "admm",
 ) -> dict[str, int]:
     """Device bytes of a block's two phases beyond the block itself, with the chunks the engine
     picks under ``budget``: a forward pass of ``windows`` windows (``Budget.forward_windows``,
     next to the Gram matrices it reserves) and the solves (SparseLLM: with a chunk of
-    ``Budget.solver_tokens`` tokens, ``solver_chunk`` when there is no limit)."""
+    ``Budget.solver_tokens`` tokens, ``solver_chunk`` when there is no limit, and the ADMM
+    eigenbasis of the activation Gram when ``ffn_solver`` is ADMM and it fits the budget)."""
     if method == "magnitude":
         return {"forward": 0, "solve": 0, "windows": 0, "chunk": 0}
     windows = budget.forward_windows(shape, seqlen, windows)
     forward = windows * seqlen * forward_token_bytes(shape, seqlen) + forward_fixed_bytes(shape)
     solve, chunk = solver_fixed_bytes(shape, method), 0
+    if method == "sparsellm" and ffn_solver == "admm" and budget.fits_ffn_admm(shape):
+        solve += admm_basis_bytes(shape.intermediate)
     if method == "sparsellm":
         chunk = min(tokens, budget.solver_tokens(shape, solver_chunk, device_type))
         # The weight solves' stacks and a pass's chunk are never held together: a pass holds

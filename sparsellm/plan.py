@@ -40,6 +40,7 @@ class Workload:
     epochs: int = 1
     batch_size: int = 32
     device_type: str = "cuda"
+    ffn_solver: str = "admm"  # SparseLLM's weight-step supports (ADMM holds an f x f basis)
 
 
 def plan_dtype(config: object, name: str) -> torch.dtype:
@@ -67,13 +68,29 @@ def mode_figures(
     tokens = -(-work.nsamples // ranks) * work.seqlen  # the largest rank's share
     windows = min(work.batch_size, -(-work.nsamples // ranks))
     phases = device_phase_bytes(
-        shape, work.seqlen, tokens, work.method, budget, windows, CHUNK_TOKENS, work.device_type
+        shape,
+        work.seqlen,
+        tokens,
+        work.method,
+        budget,
+        windows,
+        CHUNK_TOKENS,
+        work.device_type,
+        work.ffn_solver,
     )
     device = block_bytes(shape) + max(phases["forward"], phases["solve"])
     # The least the engine can run in: one window per forward, the smallest solver chunk
     # (a one-byte budget makes the same functions pick their minimum).
     least = device_phase_bytes(
-        shape, work.seqlen, tokens, work.method, Budget(1), windows, CHUNK_TOKENS, work.device_type
+        shape,
+        work.seqlen,
+        tokens,
+        work.method,
+        Budget(1),
+        windows,
+        CHUNK_TOKENS,
+        work.device_type,
+        work.ffn_solver,
     )
     minimum = block_bytes(shape) + max(least["forward"], least["solve"])
     model = (layers * shape.params + other_params) * shape.dtype_bytes

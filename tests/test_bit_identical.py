@@ -48,7 +48,13 @@ CASES = [
         for method in ("sparsegpt", "sparsellm")
     ],
     ("llama", "sparsellm", "70%-skip"),
+    # SparseLLM with its earlier default solvers (SparseGPT for attention, OBS supports in the
+    # FFN): the hashes recorded before ADMM became the default, so that path is pinned too.
+    *[(family, "sparsellm-obs", target) for family, target in (("llama", "50%"), ("opt", "2:4"))],
+    ("gemma3", "sparsellm-obs", "50%"),
 ]
+# Method options of a case's method name (the method is the name before the dash).
+CASE_OPTIONS = {"sparsellm-obs": {"layer_solver": "sparsegpt", "ffn_solver": "sparsegpt"}}
 
 
 def _prune(family: str, method: str, target: str, calibration_ids: torch.Tensor) -> str:
@@ -56,9 +62,10 @@ def _prune(family: str, method: str, target: str, calibration_ids: torch.Tensor)
     options: dict = {"pattern": "2:4"} if target == "2:4" else {"sparsity": float(target[:2]) / 100}
     if target.endswith("skip"):
         options["skip"] = r"layers\.0\.self_attn\.q_proj"
+    options.update(CASE_OPTIONS.get(method, {}))
     prune_model(
         model,
-        method=method,
+        method=method.split("-")[0],
         calibration=calibration_ids[:8, :32],
         progress=False,
         **options,

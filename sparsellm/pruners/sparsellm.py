@@ -1,11 +1,12 @@
-"""``sparsellm``: attention by SparseGPT, then the feed-forward layers jointly (SparseLLM).
+"""``sparsellm``: attention layer by layer (ADMM, or SparseGPT), then the feed-forward layers
+jointly (SparseLLM), each of their weight steps supported by ADMM (or one OBS sweep).
 
 Per block:
 
 0. on the first calibration batch, the dense block's layout is checked (:mod:`sparsellm.layout`):
    which wiring reproduces its FFN, and whether its output is ``r + FFN output``;
 1. dense pass: Gram matrices of the attention layers and the dense block outputs ``B₀``;
-2. the attention layers (and everything outside the FFN) are pruned with SparseGPT;
+2. the attention layers (and everything outside the FFN) are pruned by ``layer_solver``;
 3. pass with the attention pruned: the FFN input ``X``, its output ``F`` and the block output
    ``B`` are recorded. *Residual path* (checked ``B = r + F``): the FFN is asked for
    ``Y = B₀ − r = B₀ − B + F``, so it absorbs the attention's error and the block output is
@@ -52,11 +53,17 @@ class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
     solve's own OBS sweeps and damping) come first."""
 
     layer_solver: str = setting(
-        "sparsegpt",
-        "solver of the layers outside the FFN (attention): sparsegpt or admm",
-        choices=("sparsegpt", "admm"),
+        "admm",
+        "solver of the layers outside the FFN (attention): admm or sparsegpt",
+        choices=("admm", "sparsegpt"),
     )
 
+    ffn_solver: str = setting(
+        "admm",
+        "how each weight step of the joint FFN solve finds its support: admm or sparsegpt "
+        "(one OBS sweep: faster, less accurate)",
+        choices=("admm", "sparsegpt"),
+    )
     epochs: int = setting(1, "alternation epochs of the joint FFN solve", "non_negative_int")
     alpha: float | None = setting(
         None, "penalty α of the joint FFN solve (default: automatic)", "positive_number"
@@ -200,6 +207,9 @@ def _solve_ffn(
     device = job.options.device
     shape = block_shape(job.adapter, job.block, data.X.shape[1])
     chunk = job.options.budget.solver_tokens(shape, CHUNK_TOKENS, device.type)
+    weight_solver = options.ffn_solver
+    if weight_solver == "admm" and not job.options.budget.fits_ffn_admm(shape):
+        weight_solver = "sparsegpt"  # the f x f eigenbasis does not fit: OBS sweeps (reported)
     with torch.no_grad():  # learned activations (xIELU) carry parameters that need no grad
         result = sparsellm_ffn(
             data.X,
@@ -210,6 +220,8 @@ def _solve_ffn(
             device=device,
             reduce=reduce,
             ranks=ranks(),
+            weight_solver=weight_solver,
+            admm_iterations=options.admm_iterations,
             **_split_weights(job, ffn, originals),
             **{name: getattr(options, name) for name in _FFN_OPTIONS},
         )
@@ -302,5 +314,5 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
     return prune_block
 
 
-SUMMARY = "global: attention by SparseGPT, the FFN jointly through auxiliary variables"
+SUMMARY = "global: attention by ADMM, the FFN jointly through auxiliary variables"
 METHOD = Method("sparsellm", SUMMARY, True, SparseLLMOptions, sparsellm_pruner)

@@ -36,6 +36,7 @@ from sparsellm.solvers.sparsellm.state import (
 )
 
 Requested = tuple[float | None, float | None, float | None]  # alpha, beta, gamma as given
+WEIGHT_SOLVERS = ("sparsegpt", "admm")
 
 
 def sparsellm_ffn(
@@ -58,6 +59,8 @@ def sparsellm_ffn(
     device: torch.device | str | None = None,
     dampening: float = 0.01,
     blocksize: int = 128,
+    weight_solver: str = "sparsegpt",
+    admm_iterations: int = 60,
     progress: ProgressFn | None = None,
     reduce: ReduceFn | None = None,
     ranks: SharedSolves | None = None,
@@ -84,6 +87,8 @@ def sparsellm_ffn(
             time; z, s are stored only when ``epochs`` > 1 (the first epoch recomputes the
             dense pre-activations from X).
         dampening, blocksize: Gram damping (fraction of the mean diagonal); OBS column block.
+        weight_solver: how each weight step finds its support: ``"sparsegpt"`` (one OBS
+            sweep) or ``"admm"`` (ADMM with a rising penalty, at most ``admm_iterations``).
         progress: called with a dict after each stage.
         reduce: for tokens sharded across processes, an in-place all-reduce sum; every token
             sum goes through it, so each process holds the problem of all tokens.
@@ -97,11 +102,24 @@ def sparsellm_ffn(
     ``NumericalError`` for non-finite inputs or a solve that produced NaN/Inf.
     """
     log = SolveLog(progress)  # started now: the seconds include the checks
+    log.info["weight_solver"] = weight_solver
     weights = {"up": up, "down": down, "gate": gate}
     biases = {"up": up_bias, "down": down_bias, "gate": gate_bias}
     _check_shapes(X, Y, weights, biases)
     _check_settings(X.shape[0], epochs, chunk_size, (alpha, beta, gamma))
-    work = {"dampening": dampening, "blocksize": blocksize, "reduce": reduce, "ranks": ranks}
+    if weight_solver not in WEIGHT_SOLVERS or admm_iterations < 1:
+        raise ValueError(
+            f"weight_solver must be one of {', '.join(WEIGHT_SOLVERS)} and admm_iterations "
+            f">= 1; got {weight_solver!r}, {admm_iterations}"
+        )
+    work = {
+        "dampening": dampening,
+        "blocksize": blocksize,
+        "reduce": reduce,
+        "ranks": ranks,
+        "weight_solver": weight_solver,
+        "admm_iterations": admm_iterations,
+    }
     where = torch.device(device) if device is not None else X.device
     act = resolve_activation(activation)
     problem = _build_problem(X, Y, weights, biases, target, act, where, chunk_size, work)

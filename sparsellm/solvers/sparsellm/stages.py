@@ -151,7 +151,7 @@ def initial_pruning(
     up_cross = problem.dense_up @ gram
     gate_cross = problem.dense_gate @ gram if problem.gated else None
     inputs = _input_weights(problem, state, up_cross, gate_cross, feasible=False)
-    steps = solve_weights(problem, log, gram, inputs, 0, inverse)
+    steps = solve_weights(problem, log, gram, inputs, 0, inverse, memo=problem.input_memo)
     state.up = steps[0].weight
     state.gate = steps[1].weight if problem.gated else None
     # ‖a₀W2ᵀ − T‖² (0 when Y is the dense output); with a token sample this is an estimate,
@@ -312,7 +312,15 @@ def _epoch_solves(
     if problem.gated and problem.gate_bias is not None:
         sums.gate_cross.addr_(problem.gate_bias, state.input_sum, alpha=-1.0)
     inputs = _input_weights(problem, state, sums.up_cross, sums.gate_cross, feasible=True)
-    steps = solve_weights(problem, log, state.input_gram, inputs, epoch, state.input_gram_inverse)
+    steps = solve_weights(
+        problem,
+        log,
+        state.input_gram,
+        inputs,
+        epoch,
+        state.input_gram_inverse,
+        memo=problem.input_memo,
+    )
     state.up = steps[0].weight
     gate_term = None
     if problem.gated:

@@ -67,7 +67,7 @@ class FFNSolveResult:
     epoch's weights, ``‖FFN(X) − Y‖² / ‖Y‖²`` (relative to the sum of squares of Y, not of
     Y − mean). ``output_error`` of the result is that figure for the returned weights, after
     the final down fit. ``info`` holds which candidate each weight solve kept (``choices``:
-    ``"obs"``, ``"kept+cg"`` or ``"kept"``), damping retries and seconds per stage.
+    ``"obs"`` or ``"admm"``, ``"kept+cg"`` or ``"kept"``), damping retries and seconds per stage.
     """
 
     up: Tensor
@@ -176,6 +176,10 @@ class FFNProblem:
     blocksize: int
     reduce: ReduceFn | None
     ranks: SharedSolves | None = None  # None: this process solves every weight itself
+    weight_solver: str = "sparsegpt"  # each weight step's support: "sparsegpt" or "admm"
+    admm_iterations: int = 60  # at most, per ADMM support solve
+    # What the support solver derived from the input Gram XᵀX (every up/gate step's).
+    input_memo: dict = field(default_factory=dict)
 
     @property
     def gated(self) -> bool:

@@ -9,6 +9,7 @@ from torch import Tensor
 from sparsellm.solvers.base import NumericalError
 from sparsellm.solvers.sparsellm.state import FFNProblem, SolveLog, check_finite
 from sparsellm.solvers.sparsellm.weights import (
+    SupportSolver,
     WeightProblem,
     WeightStep,
     damped_inverse,
@@ -27,13 +28,17 @@ def solve_weights(
     epoch: int,
     inverse: Tensor | None = None,
     cg_iters: int = CG_ITERS,
+    memo: dict | None = None,
 ) -> list[WeightStep]:
     """Weight steps sharing ``gram``; logs each choice and the damping retries.
 
-    With ``problem.ranks`` each weight is solved on one rank and its step broadcast.
+    ``memo`` keeps what the support solver derives from ``gram`` alone for later steps on the
+    same Gram (pass ``problem.input_memo`` with the input Gram, nothing otherwise). With
+    ``problem.ranks`` each weight is solved on one rank and its step broadcast.
     """
+    support = SupportSolver(problem.weight_solver, problem.admm_iterations, memo)
     solve = _local_steps if problem.ranks is None else _shared_steps
-    steps, retries = solve(problem, gram, weights, inverse, cg_iters)
+    steps, retries = solve(problem, gram, weights, inverse, cg_iters, support)
     log.info["damping_retries"] += retries
     for wp, step in zip(weights, steps, strict=True):
         check_finite(f"{wp.name} after epoch {epoch}", step.weight)
@@ -48,6 +53,7 @@ def _local_steps(
     weights: list[WeightProblem],
     inverse: Tensor | None,
     cg_iters: int,
+    support: SupportSolver,
 ) -> tuple[list[WeightStep], int]:
     """The steps solved here, and the damping retries of ``gram``'s inverse (if computed)."""
     retries = 0
@@ -61,6 +67,7 @@ def _local_steps(
         dampening=problem.dampening,
         blocksize=problem.blocksize,
         cg_iters=cg_iters,
+        support=support,
     )
     return steps, retries
 
@@ -71,6 +78,7 @@ def _shared_steps(
     weights: list[WeightProblem],
     inverse: Tensor | None,
     cg_iters: int,
+    support: SupportSolver,
 ) -> tuple[list[WeightStep], int]:
     """Each weight solved by one rank (by its OBS cost, rows × cols²), its step broadcast.
 
@@ -84,7 +92,7 @@ def _shared_steps(
     retries, failure = 0, None
     try:
         if mine:
-            steps, retries = _local_steps(problem, gram, mine, inverse, cg_iters)
+            steps, retries = _local_steps(problem, gram, mine, inverse, cg_iters, support)
             solved = {w.name: step for w, step in zip(mine, steps, strict=True)}
     except NumericalError as exc:  # raised on every rank below, so all take the fallback
         failure = exc
@@ -95,7 +103,7 @@ def _shared_steps(
     return [step for step, _ in out], out[0][1]
 
 
-_CHOICES = ("obs", "kept+cg", "kept")  # WeightStep.choice, by index in a broadcast
+_CHOICES = ("obs", "admm", "kept+cg", "kept")  # WeightStep.choice, by index in a broadcast
 
 
 def _share_step(
