@@ -97,11 +97,19 @@ JOINT_KINDS = ("gpt_neox", "phi", "phi3", "falcon", "gptj", "bloom")
 
 def pruned_pair(kind, calibration_ids, sparsity=0.6):
     models = [generic_model(kind), generic_model(kind)]
+    # SparseLLM with SparseGPT for the layers outside the FFN, so that a layer-wise fallback
+    # must equal the sparsegpt run bit for bit.
+    options = ({"layer_solver": "sparsegpt"}, {})
     reports = [
         prune_model(
-            m, method=method, sparsity=sparsity, calibration=calibration_ids, progress=False
-        )
-        for m, method in zip(models, ("sparsellm", "sparsegpt"), strict=True)
+            m,
+            method=method,
+            sparsity=sparsity,
+            calibration=calibration_ids,
+            progress=False,
+            **extra,
+        )  # fmt: skip
+        for m, method, extra in zip(models, ("sparsellm", "sparsegpt"), options, strict=True)
     ]
     return models, reports
 
