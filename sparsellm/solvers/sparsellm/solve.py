@@ -107,11 +107,7 @@ def sparsellm_ffn(
     biases = {"up": up_bias, "down": down_bias, "gate": gate_bias}
     _check_shapes(X, Y, weights, biases)
     _check_settings(X.shape[0], epochs, chunk_size, (alpha, beta, gamma))
-    if weight_solver not in WEIGHT_SOLVERS or admm_iterations < 1:
-        raise ValueError(
-            f"weight_solver must be one of {', '.join(WEIGHT_SOLVERS)} and admm_iterations "
-            f">= 1; got {weight_solver!r}, {admm_iterations}"
-        )
+    _check_weight_solver(weight_solver, admm_iterations)
     work = {
         "dampening": dampening,
         "blocksize": blocksize,
@@ -217,6 +213,14 @@ def _check_settings(tokens: int, epochs: int, chunk_size: int, requested: Reques
     for name, v in zip(("alpha", "beta", "gamma"), requested, strict=True):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a positive finite number, got {v}")
+
+
+def _check_weight_solver(weight_solver: str, admm_iterations: int) -> None:
+    if weight_solver not in WEIGHT_SOLVERS or admm_iterations < 1:
+        raise ValueError(
+            f"weight_solver must be one of {', '.join(WEIGHT_SOLVERS)} and admm_iterations "
+            f">= 1; got {weight_solver!r}, {admm_iterations}"
+        )
 
 
 def _run_stages(
