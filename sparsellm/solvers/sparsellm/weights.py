@@ -30,7 +30,7 @@ from sparsellm.linalg import damped_cholesky, one_thread
 from sparsellm.masks import SparsityTarget
 from sparsellm.solvers.admm import admm
 from sparsellm.solvers.base import LayerStatistics, NumericalError
-from sparsellm.solvers.sparsegpt import sparsegpt
+from sparsellm.solvers.sparsegpt import inverse_factor, obs_prune
 
 # Iterative-refinement steps of the damped dense LS solution (removes most damping bias).
 _LS_REFINE = 2
@@ -214,8 +214,18 @@ def _sparse_start(
             dampening=dampening,
         )
         return result.weight, 0
-    # sparsegpt() keeps U of the damped H⁻¹ in stats.memo: one factorisation per Gram.
-    result = sparsegpt(dense, stats, target, blocksize=blocksize, dampening=dampening)
+    # U of the damped H⁻¹ depends on H alone: one factorisation serves every problem here.
+    key = ("obs.factor", dampening)
+    if key not in stats.memo:
+        stats.memo[key] = inverse_factor(stats.hessian, dampening)
+    result = obs_prune(
+        dense,
+        stats.hessian,
+        target,
+        blocksize=blocksize,
+        dampening=dampening,
+        factor=stats.memo[key],
+    )
     return result.weight, result.damping_retries
 
 
