@@ -130,6 +130,7 @@ def prune(
         fallback,
         data_free=not method.needs_calibration,
         allocator=rule,
+        reference=getattr(config.options, "follows_dense_model", False),
     )
     if rule is not None:
         report.set_allocation(rule.allocation.summary(), rule.allocation.layers)

@@ -134,6 +134,10 @@ class BlockJob:
     options: EngineOptions
     # Per-layer sparsities by relative name (an allocation rule's); None: ``target`` for all.
     sparsities: dict[str, float] | None = None
+    # The dense model's outputs of this block (dense weights on the dense model's own
+    # activations), host batches like ``inputs.hidden``; only for pruners that asked for them
+    # (``prune_blocks(reference=True)``), else None.
+    reference: list[torch.Tensor] | None = None
 
     def full_name(self, relative: str) -> str:
         return f"{self.adapter.block_name(self.index)}.{relative}"
@@ -345,6 +349,13 @@ def stream_blocks(
                 released(index, block)
 
 
+def _reference_stream(inputs: BlockInputs) -> BlockInputs:
+    """The dense model's activations, a stream beside ``inputs``: the same batches and
+    arguments, hidden states of their own (block 0's are the captured ones, copied)."""
+    hidden = [h.clone() for h in inputs.hidden]
+    return BlockInputs(hidden, inputs.args, inputs.kwargs, device=inputs.device)
+
+
 def _prunable(
     adapter: Adapter, block: nn.Module, index: int, skip: re.Pattern | None
 ) -> dict[str, nn.Module]:
@@ -399,6 +410,7 @@ def prune_blocks(
     *,
     data_free: bool = False,
     allocator: SparsityAllocator | None = None,
+    reference: bool = False,
 ) -> None:
     """Prune every decoder block in order with ``prune_block``, guarded by ``fallback``.
 
@@ -407,7 +419,10 @@ def prune_blocks(
     ``data_free``: the pruner needs no data although ``windows`` are given (they serve the
     ``allocator`` alone). ``allocator`` sees every dense block in a :func:`dense_pass` before
     anything is pruned, then gives each layer's sparsity, which the block pruners receive as
-    ``BlockJob.sparsities``.
+    ``BlockJob.sparsities``. ``reference``: a second stream of activations follows the dense
+    model (each block's dense weights run on it before they are pruned) and every job gets the
+    dense model's outputs of its block as ``BlockJob.reference``; one more ``[N, d]`` on the
+    host (or in the store's files).
     """
     from sparsellm.guard import prune_guarded
     from sparsellm.layout import check_block_chain
@@ -430,16 +445,19 @@ def prune_blocks(
         else:
             inputs = capture_block_inputs(model, adapter, windows, options)
     last = len(adapter.blocks()) - 1
+    # The dense model's activations entering the current block (``reference``).
+    dense_model = _reference_stream(inputs) if reference and inputs is not None else None
     record = options.record
     start, previous_error = 0, None
     if record is not None:  # --resume: finished blocks, their entries and activations back
-        start, previous_error = record.restore(adapter, inputs, windows, report)
+        start, previous_error = record.restore(adapter, inputs, windows, report, dense_model)
     finished: dict[int, dict] = {}  # a block's report entry, until its record is written
 
     def released(index: int, block: nn.Module) -> None:
         # After release: an offloaded block's shard (part of the record) is on disk by now.
         hidden = inputs.hidden if inputs is not None and index < last else None
-        record.record(index, block, finished.pop(index), hidden, previous_error)
+        dense_hidden = dense_model.hidden if dense_model is not None and index < last else None
+        record.record(index, block, finished.pop(index), hidden, previous_error, dense_hidden)
 
     desc = f"pruning {target}"
     on_release = released if record is not None else None
@@ -453,6 +471,9 @@ def prune_blocks(
             if sparsities is not None:
                 prefix = f"{adapter.block_name(index)}."
                 job.sparsities = {name: sparsities[prefix + name] for name in layers}
+            if dense_model is not None:  # before pruning: the block's weights are dense
+                job.reference = dense_model.run(block, outputs=job.output_batches())
+                dense_model.hidden = job.reference  # the next block's (its inputs are done)
             result = prune_guarded(job, prune_block, fallback, previous_error)
             report.add_block(index, result)
             if record is not None:

@@ -253,7 +253,12 @@ class Budget:
 
 
 def host_activation_bytes(
-    shape: BlockShape, tokens: int, method: str, epochs: int = 1, spilled: bool = False
+    shape: BlockShape,
+    tokens: int,
+    method: str,
+    epochs: int = 1,
+    spilled: bool = False,
+    dense_model: bool = True,
 ) -> int:
     """Peak host bytes of calibration activations while a block is pruned (guard on).
 
@@ -264,7 +269,9 @@ def host_activation_bytes(
     instead holds, during its solve, ``_FFNData``: X (model dtype) and one float32 [N, d]
     (the residual, the target being read as dense outputs minus residual; or, on the general
     path, the target), and z, s [N, f] float32 when ``epochs`` > 1 (the first epoch
-    recomputes them); its pruned outputs are formed in the residual.
+    recomputes them); its pruned outputs are formed in the residual. ``dense_model``
+    (SparseLLM's ``fit_to="model"``): the dense model's stream, one more [N, d] (its block
+    outputs; the inputs they were computed from are dropped before the solve).
 
     ``spilled`` (an out-of-core store, ``--offload disk``): the outputs a block pass forms
     wait in a file (``spill.py``), so layer-wise methods hold only block 0's captured inputs.
@@ -278,6 +285,8 @@ def host_activation_bytes(
     if method != "sparsellm":
         return held  # the pruned outputs take the dense ones' place as they form
     held += tokens * d * (b + F32)  # X, residual (or target)
+    if dense_model:
+        held += tokens * d * b  # the dense model's outputs of the block
     if epochs > 1:
         held += tokens * f * F32 * (2 if shape.gated else 1)  # z (and s)
     return held

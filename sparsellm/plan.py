@@ -41,6 +41,7 @@ class Workload:
     batch_size: int = 32
     device_type: str = "cuda"
     ffn_solver: str = "admm"  # SparseLLM's weight-step supports (ADMM holds an f x f basis)
+    fit_to: str = "model"  # SparseLLM's block targets ("model": the dense model's stream too)
 
 
 def plan_dtype(config: object, name: str) -> torch.dtype:
@@ -94,7 +95,10 @@ def mode_figures(
     )
     minimum = block_bytes(shape) + max(least["forward"], least["solve"])
     model = (layers * shape.params + other_params) * shape.dtype_bytes
-    activations = host_activation_bytes(shape, tokens, work.method, work.epochs, offload)
+    dense_model = work.fit_to == "model"
+    activations = host_activation_bytes(
+        shape, tokens, work.method, work.epochs, offload, dense_model
+    )
     pruning = activations + guard_copy_bytes(shape, work.method)
     if offload:
         # The tensors outside the blocks are read for the capture (next to the inputs it

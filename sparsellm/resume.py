@@ -15,6 +15,8 @@ remove_stale_temporaries` never touches):
 - ``hidden-rR-K.safetensors``: rank R's activations entering block K (what block K - 1
   output), one tensor per calibration batch, written from the host tensors as they are (no
   copy); none after the last block.
+- ``dense-rR-K.safetensors``: the same for the dense model's activations, for methods that
+  keep that second stream (``sparsellm`` with ``fit_to="model"``).
 
 Every file is written under a temporary name, flushed and renamed into place, the activations
 before the state that names them, and the previous activations are removed only once the new
@@ -376,9 +378,11 @@ class RunRecord:
         inputs: BlockInputs | None,
         windows: torch.Tensor | None,
         report: PruneReport,
+        dense_model: BlockInputs | None = None,
     ) -> tuple[int, float | None]:
         """Put the finished blocks back: their report entries, their weights (in memory), and
-        the recorded activations in place of the captured ``inputs``' hidden states. Returns
+        the recorded activations in place of the captured ``inputs``' hidden states (and of
+        ``dense_model``'s, the dense model's stream, where the method keeps one). Returns
         the first block to prune and the previous block's output error."""
         blocks = adapter.blocks()
         self.blocks = len(blocks)
@@ -392,12 +396,14 @@ class RunRecord:
             if not self.in_shards:
                 self._restore_weights(index, blocks[index])
         if inputs is not None and self.done < len(blocks):
-            self._restore_activations(inputs)
+            self._restore_activations(inputs, "hidden")
+        if dense_model is not None and self.done < len(blocks):
+            self._restore_activations(dense_model, "dense")
         return self.done, self.previous_error
 
-    def _restore_activations(self, inputs: BlockInputs) -> None:
+    def _restore_activations(self, inputs: BlockInputs, stream: str) -> None:
         """The recorded hidden states in place of the captured ones (same host tensors)."""
-        path = self._existing(self._hidden(self.done))
+        path = self._existing(self._hidden(self.done, stream))
         if read_header(path)[1].get("windows") != self._windows:
             raise ResumeError(
                 "the calibration windows differ from those of the recorded run (was the "
@@ -427,9 +433,10 @@ class RunRecord:
         path = self._existing(self.directory / f"block-{index:05d}.safetensors")
         block.load_state_dict(load_file(path), strict=True)  # copies into the block's tensors
 
-    def _hidden(self, index: int) -> Path:
-        """This rank's activations entering block ``index``."""
-        return self.directory / f"hidden-r{self.rank}-{index:05d}.safetensors"
+    def _hidden(self, index: int, stream: str = "hidden") -> Path:
+        """This rank's activations entering block ``index``: the pruned model's (``hidden``)
+        or the dense model's (``dense``)."""
+        return self.directory / f"{stream}-r{self.rank}-{index:05d}.safetensors"
 
     # -- recording (the engine, after each block) -------------------------------------------
 
@@ -440,14 +447,16 @@ class RunRecord:
         entry: dict[str, Any],
         hidden: list[torch.Tensor] | None,
         previous_error: float | None,
+        dense_hidden: list[torch.Tensor] | None = None,
     ) -> None:
         """Record block ``index`` as finished: its entry and weights (rank 0), this rank's
-        activations for the next block (``hidden``; None after the last block), then the
-        state that commits them, then drop the activations it replaces."""
+        activations for the next block (``hidden``, and the dense model's ``dense_hidden``
+        where the method keeps them; None after the last block), then the state that commits
+        them, then drop the activations it replaces."""
         ok = False
         try:
             with self.write_errors():
-                self._write(index, block, entry, hidden)
+                self._write(index, block, entry, {"hidden": hidden, "dense": dense_hidden})
             ok = True
         finally:
             # Every rank learns whether all wrote (else all stop: nobody waits for the state).
@@ -461,7 +470,7 @@ class RunRecord:
         index: int,
         block: nn.Module,
         entry: dict[str, Any],
-        hidden: list[torch.Tensor] | None,
+        streams: dict[str, list[torch.Tensor] | None],
     ) -> None:
         """Everything block ``index``'s commit will name, each file replaced in one step."""
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -471,10 +480,11 @@ class RunRecord:
             if not self.in_shards:
                 path = self.directory / f"block-{index:05d}.safetensors"
                 write_tensors(path, block.state_dict())  # on the host: no copy
-        if hidden is not None:
-            batches = {f"batch-{i:05d}": h for i, h in enumerate(hidden)}
-            metadata = {"windows": self._windows or ""}
-            write_tensors(self._hidden(index + 1), batches, metadata)
+        for stream, hidden in streams.items():
+            if hidden is not None:
+                batches = {f"batch-{i:05d}": h for i, h in enumerate(hidden)}
+                metadata = {"windows": self._windows or ""}
+                write_tensors(self._hidden(index + 1, stream), batches, metadata)
 
     def _commit(self, done: int, previous_error: float | None) -> None:
         if self.rank == 0:
@@ -488,10 +498,11 @@ class RunRecord:
                 _write_json(self.directory / STATE, state)
         _all_ok(True, self.device)  # the state is in place before anyone drops the old files
         self.done = done
-        current = self._hidden(done).name
-        for path in self.directory.glob(f"hidden-r{self.rank}-*.safetensors"):
-            if path.name != current:
-                path.unlink(missing_ok=True)
+        for stream in ("hidden", "dense"):
+            current = self._hidden(done, stream).name
+            for path in self.directory.glob(f"{stream}-r{self.rank}-*.safetensors"):
+                if path.name != current:
+                    path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def write_errors(self) -> Iterator[None]:

@@ -157,8 +157,12 @@ def handed_on_and_real(model: torch.nn.Module, prune) -> tuple[torch.Tensor, tor
     finally:
         handle.remove()
     real = seen[0]
-    # The first call of block 1 with a calibration batch (the dense chain check ran before).
-    return next(t for t in during if t.shape == real.shape), real
+    # Calls of block 1 with a calibration batch (the dense chain check ran before). SparseLLM's
+    # default also runs the dense block 1 on the dense model's stream (``fit_to="model"``):
+    # the handed-on states are the call nearest to the real ones (wrong states differ from
+    # both, so they still fail).
+    calls = [t for t in during if t.shape == real.shape]
+    return min(calls, key=lambda t: float((t.float() - real.float()).norm())), real
 
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")

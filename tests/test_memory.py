@@ -100,8 +100,11 @@ def test_forced_small_chunks_give_the_one_chunk_result(method):
     taken in another order, so a few near-tied mask choices flip (OBS then compensates them
     differently): masks agree to 99 %, and the pruned models' losses to 0.5 %."""
     # The small budget also leaves no room for SparseLLM's ADMM eigenbasis (its FFN then takes
-    # OBS sweeps, test_admm.py): both runs use OBS so that only the chunking differs.
-    solver = {"ffn_solver": "sparsegpt"} if method == "sparsellm" else {}
+    # OBS sweeps, test_admm.py): both runs use OBS so that only the chunking differs. ADMM's
+    # supports also amplify the summation order's rounding more than OBS's (attention masks
+    # agreed to 98.3 % on an AMD EPYC), which is not what this test is about.
+    solver = {"ffn_solver": "sparsegpt", "layer_solver": "sparsegpt"}
+    solver = solver if method == "sparsellm" else {}
     whole = pruned(method, batch_size=8, **solver)
     chunked = pruned(method, batch_size=8, device_memory="64KiB", **solver)
     chunked_weights = chunked.state_dict()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FIXTURES, check_recorded, recorded_hashes, small_llama
+from conftest import FIXTURES, check_recorded, recorded, small_llama
 from torch import nn
 
 from sparsellm.finetune import finetune
@@ -227,9 +227,13 @@ RUNS: dict[str, Callable[[], str]] = {
 }
 
 
+# The case whose digest tells machines whose kernels round differently apart (conftest).
+CANARY = ("optim/l1-sgd", RUNS["optim/l1-sgd"])
+
+
 @pytest.mark.parametrize("key", list(RUNS))
 def test_optimizer_and_finetune_are_bit_identical(key):
-    check_recorded(HASHES, key, RUNS[key](), "parameters or optimizer state changed")
+    check_recorded(HASHES, key, RUNS[key](), "parameters or optimizer state changed", CANARY)
 
 
 @pytest.mark.parametrize(
@@ -251,6 +255,6 @@ def test_explicit_rules_match_the_flags(case, rules):
         _prune_half(model)
     opt = SparseOptimizer(make_base(model), model=model, rules=rules())
     _train(model, opt, range(STEPS))
-    assert _hash(model, opt.state_dict()) == recorded_hashes(HASHES)[f"optim/{case}"]
+    assert _hash(model, opt.state_dict()) == recorded(HASHES, f"optim/{case}", CANARY)
     with pytest.raises(ValueError, match="either rules= or"):
         SparseOptimizer(make_base(model), model=model, rules=rules(), keep_mask=True)

@@ -150,3 +150,70 @@ def test_target_rows_equal_the_stored_difference(dtype):
     residual[30, 2] = float("nan")
     with pytest.raises(NumericalError, match="Y contains NaN"):
         check_finite("Y", rows)
+
+
+def _goals(monkeypatch):
+    """The block outputs each block's FFN was asked to match, by block index."""
+    import sparsellm.pruners.sparsellm as joint
+
+    goals, capture = {}, joint._capture_ffn
+
+    def recording(job, ffn, goal, residual):
+        goals[job.index] = torch.cat([g.float().reshape(-1, g.shape[-1]) for g in goal])
+        return capture(job, ffn, goal, residual)
+
+    monkeypatch.setattr(joint, "_capture_ffn", recording)
+    return goals
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_fit_to_model_matches_each_block_to_the_dense_models_output(
+    monkeypatch, family, calibration_ids
+):
+    dense = tiny_model(family)
+    outputs = [block_output(dense, calibration_ids, i) for i in range(2)]
+    wanted = [out.reshape(-1, out.shape[-1]) for out in outputs]
+    goals = _goals(monkeypatch)
+    model = copy.deepcopy(dense)
+    prune_model(
+        model, method="sparsellm", sparsity=0.7, calibration=calibration_ids, progress=False
+    )
+    for index in range(2):  # the dense model's own outputs, not the dense block on pruned inputs
+        torch.testing.assert_close(goals[index], wanted[index], rtol=1e-5, atol=1e-5)
+
+    goals.clear()
+    model = copy.deepcopy(dense)
+    prune_model(
+        model,
+        method="sparsellm",
+        sparsity=0.7,
+        calibration=calibration_ids,
+        progress=False,
+        fit_to="block",
+    )
+    torch.testing.assert_close(goals[0], wanted[0], rtol=1e-5, atol=1e-5)  # same inputs there
+    assert relative_error(goals[1], wanted[1]) > 1e-4  # block 1's inputs were pruned
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_fit_to_model_brings_the_last_block_closer_to_the_dense_model(family, calibration_ids):
+    dense = tiny_model(family)
+    wanted = block_output(dense, calibration_ids, 1)
+    errors, reported = {}, {}
+    for fit_to in ("block", "model"):
+        model = copy.deepcopy(dense)
+        report = prune_model(
+            model,
+            method="sparsellm",
+            sparsity=0.7,
+            calibration=calibration_ids,
+            progress=False,
+            fit_to=fit_to,
+        )
+        errors[fit_to] = relative_error(block_output(model, calibration_ids, 1), wanted)
+        reported[fit_to] = report.blocks[1]
+    assert reported["block"]["fit_to"] == "block" and reported["model"]["fit_to"] == "model"
+    assert "model_output_error" not in reported["block"]  # no dense-model stream was kept
+    assert errors["model"] < 0.95 * errors["block"], errors
+    # the report's figure is the error against the dense model measured here
+    assert reported["model"]["model_output_error"] == pytest.approx(errors["model"], rel=0.05)

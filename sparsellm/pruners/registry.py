@@ -24,8 +24,10 @@ class Method:
     """A pruning method.
 
     ``options`` is a dataclass of :func:`~sparsellm.settings.setting` fields (it may have none)
-    and may define ``check(target)`` for checks that need the sparsity target. ``build`` turns
-    an options instance into the block pruner the engine runs for every decoder block.
+    and may define ``check(target)`` for checks that need the sparsity target, and a
+    ``follows_dense_model`` property: True asks the engine for the dense model's outputs of
+    every block (``BlockJob.reference``). ``build`` turns an options instance into the block
+    pruner the engine runs for every decoder block.
     """
 
     name: str

@@ -9,8 +9,12 @@ Per block:
 2. the attention layers (and everything outside the FFN) are pruned by ``layer_solver``;
 3. pass with the attention pruned: the FFN input ``X``, its output ``F`` and the block output
    ``B`` are recorded. *Residual path* (checked ``B = r + F``): the FFN is asked for
-   ``Y = B₀ − r = B₀ − B + F``, so it absorbs the attention's error and the block output is
-   matched to the dense one; the pruned outputs are ``r + FFN(X)`` without another forward.
+   ``Y = B* − r``, so it absorbs the attention's error and the block output is matched to
+   ``B*``: with ``fit_to="model"`` (the default) the dense *model's* output of this block
+   (``BlockJob.reference``: the engine runs each dense block on a second stream of
+   activations that never saw pruning), so the block also makes up for what the blocks
+   before it lost; with ``fit_to="block"`` the dense block's output on the pruned inputs,
+   ``B₀``. The pruned outputs are ``r + FFN(X)`` without another forward.
    *General path* (a norm or scale after the FFN, a post-norm block, ...): the FFN's own dense
    output on ``X`` is the target and the engine runs the pruned block for its outputs;
 4. ``sparsellm_ffn`` prunes up (gate) and down jointly through the auxiliary variables.
@@ -26,6 +30,7 @@ from torch import nn
 
 from sparsellm.distributed import all_reduce_sum_, ranks, world
 from sparsellm.engine import BlockJob, BlockPruner, block_shape
+from sparsellm.guard import output_error
 from sparsellm.layout import Layout, check_layout, first_windows
 from sparsellm.masks import SparsityTarget
 from sparsellm.memory import host_empty, to_host
@@ -64,6 +69,13 @@ class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
         "(one OBS sweep: faster, less accurate)",
         choices=("admm", "sparsegpt"),
     )
+    fit_to: str = setting(
+        "model",
+        "what each block's output is fitted to: model (the dense model's activations at that "
+        "depth, so a block also makes up for what earlier blocks lost) or block (the dense "
+        "block on the pruned inputs)",
+        choices=("model", "block"),
+    )
     epochs: int = setting(1, "alternation epochs of the joint FFN solve", "non_negative_int")
     alpha: float | None = setting(
         None, "penalty α of the joint FFN solve (default: automatic)", "positive_number"
@@ -74,6 +86,11 @@ class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
     gamma: float | None = setting(
         None, "penalty γ of the joint FFN solve (default: automatic)", "positive_number"
     )
+
+    @property
+    def follows_dense_model(self) -> bool:
+        """The engine keeps the dense model's activations for this run (``fit_to="model"``)."""
+        return self.fit_to == "model"
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
@@ -292,7 +309,9 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
                 layers=rows, path="layerwise", reason=layout.reason, dense_outputs=dense_out
             )
 
-        data = _capture_ffn(job, ffn, dense_out, layout.residual)
+        fit_to_model = options.fit_to == "model" and job.reference is not None
+        goal = job.reference if fit_to_model else dense_out  # the block output to match
+        data = _capture_ffn(job, ffn, goal, layout.residual)
         originals, new, result = _solve_ffn(job, ffn, data, options)
         data.target = None  # not needed again (general path: a float32 [N, d])
         input_stats = LayerStatistics(tokens=result.tokens, hessian=result.input_gram)
@@ -302,11 +321,15 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
         ]
         outputs = _pruned_outputs(job, ffn, data) if layout.residual else None
         del data
+        figures = _figures(layout, result)
+        figures["fit_to"] = "model" if fit_to_model and layout.residual else "block"
+        if outputs is not None and job.reference is not None:
+            figures["model_output_error"] = output_error(outputs, job.reference)
         return BlockResult(
             layers=rows,
             path="residual" if layout.residual else "ffn-output",
             reason=layout.reason,
-            figures=_figures(layout, result),
+            figures=figures,
             outputs=outputs,
             dense_outputs=dense_out,
         )
