@@ -199,6 +199,17 @@ def main() -> None:
                 # --option allocation=...: the rule's summary (bounds, spread of the layers)
                 "allocation": getattr(report, "allocation", None),
                 "allocation_seconds": getattr(report, "timings", {}).get("allocation"),
+                # blocks the divergence guard re-did with the fallback method
+                "fallbacks": sum(1 for b in getattr(report, "blocks", []) if b.get("fallback")),
+                # SparseLLM: the last block's output error against the dense model
+                "last_model_output_error": next(
+                    (
+                        b["model_output_error"]
+                        for b in reversed(getattr(report, "blocks", []))
+                        if "model_output_error" in b
+                    ),
+                    None,
+                ),
             }
         ),
         flush=True,

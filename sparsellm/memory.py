@@ -270,7 +270,7 @@ def host_activation_bytes(
     (the residual, the target being read as dense outputs minus residual; or, on the general
     path, the target), and z, s [N, f] float32 when ``epochs`` > 1 (the first epoch
     recomputes them); its pruned outputs are formed in the residual. ``dense_model``
-    (SparseLLM's ``fit_to="model"``): the dense model's stream, one more [N, d] (its block
+    (SparseLLM's ``correction`` > 0): the dense model's stream, one more [N, d] (its block
     outputs; the inputs they were computed from are dropped before the solve).
 
     ``spilled`` (an out-of-core store, ``--offload disk``): the outputs a block pass forms

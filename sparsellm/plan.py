@@ -41,7 +41,7 @@ class Workload:
     batch_size: int = 32
     device_type: str = "cuda"
     ffn_solver: str = "admm"  # SparseLLM's weight-step supports (ADMM holds an f x f basis)
-    fit_to: str = "model"  # SparseLLM's block targets ("model": the dense model's stream too)
+    correction: float = 0.5  # SparseLLM's block targets (> 0: the dense model's stream too)
 
 
 def plan_dtype(config: object, name: str) -> torch.dtype:
@@ -95,7 +95,7 @@ def mode_figures(
     )
     minimum = block_bytes(shape) + max(least["forward"], least["solve"])
     model = (layers * shape.params + other_params) * shape.dtype_bytes
-    dense_model = work.fit_to == "model"
+    dense_model = work.correction > 0
     activations = host_activation_bytes(
         shape, tokens, work.method, work.epochs, offload, dense_model
     )

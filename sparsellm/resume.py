@@ -16,7 +16,7 @@ remove_stale_temporaries` never touches):
   output), one tensor per calibration batch, written from the host tensors as they are (no
   copy); none after the last block.
 - ``dense-rR-K.safetensors``: the same for the dense model's activations, for methods that
-  keep that second stream (``sparsellm`` with ``fit_to="model"``).
+  keep that second stream (``sparsellm`` with ``correction`` > 0).
 
 Every file is written under a temporary name, flushed and renamed into place, the activations
 before the state that names them, and the previous activations are removed only once the new

@@ -43,6 +43,7 @@ CHECKS: dict[str, tuple[Check, str]] = {
     "positive_number": (lambda v: _number(v) and v > 0, "a positive number"),
     "non_negative_number": (lambda v: _number(v) and v >= 0, "a non-negative number"),
     "number": (_number, "a number"),
+    "fraction_number": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "size": (

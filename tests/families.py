@@ -158,7 +158,7 @@ def handed_on_and_real(model: torch.nn.Module, prune) -> tuple[torch.Tensor, tor
         handle.remove()
     real = seen[0]
     # Calls of block 1 with a calibration batch (the dense chain check ran before). SparseLLM's
-    # default also runs the dense block 1 on the dense model's stream (``fit_to="model"``):
+    # default also runs the dense block 1 on the dense model's stream (``correction`` > 0):
     # the handed-on states are the call nearest to the real ones (wrong states differ from
     # both, so they still fail).
     calls = [t for t in during if t.shape == real.shape]

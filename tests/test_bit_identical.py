@@ -7,7 +7,7 @@ intended change of numbers) with ``SPARSELLM_RECORD_HASHES=1 pytest tests/test_b
 The file holds one table per kind of CPU numerics (``conftest.hash_table``): the first from the
 machine of the first recording, a second from an AMD EPYC (AVX-512); a machine that matches
 neither skips these checks. The first table lacks the default ``sparsellm`` cases changed by
-``fit_to="model"`` (they could not be re-recorded on its machine); its ``sparsellm-block`` and
+``correction`` (they could not be re-recorded on its machine); its ``sparsellm-block`` and
 ``sparsellm-obs`` cases still pin the shared code there.
 """
 
@@ -58,8 +58,8 @@ CASES = [
     # FFN): the hashes recorded before ADMM became the default, so that path is pinned too.
     *[(family, "sparsellm-obs", target) for family, target in (("llama", "50%"), ("opt", "2:4"))],
     ("gemma3", "sparsellm-obs", "50%"),
-    # SparseLLM fitting each block to the dense block on its pruned inputs (``fit_to="block"``,
-    # the default before blocks were fitted to the dense model): the hashes recorded then.
+    # SparseLLM fitting each block to the dense block on its pruned inputs (``correction=0``,
+    # the default before blocks were fitted towards the dense model): the hashes recorded then.
     *[
         (family, "sparsellm-block", target)
         for family, target in (("llama", "50%"), ("opt", "2:4"), ("gpt2", "50%"), ("gemma3", "50%"))
@@ -67,8 +67,8 @@ CASES = [
 ]
 # Method options of a case's method name (the method is the name before the dash).
 CASE_OPTIONS = {
-    "sparsellm-obs": {"layer_solver": "sparsegpt", "ffn_solver": "sparsegpt", "fit_to": "block"},
-    "sparsellm-block": {"fit_to": "block"},
+    "sparsellm-obs": {"layer_solver": "sparsegpt", "ffn_solver": "sparsegpt", "correction": 0},
+    "sparsellm-block": {"correction": 0},
 }
 
 

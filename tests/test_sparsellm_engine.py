@@ -152,14 +152,37 @@ def test_target_rows_equal_the_stored_difference(dtype):
         check_finite("Y", rows)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_blended_target_rows_equal_the_stored_blend(share):
+    """``B₀ + λ (Bₘ − B₀) − r`` read a chunk at a time equals the whole formed at once."""
+    from sparsellm.solvers.sparsellm import RowDifference
+
+    torch.manual_seed(0)
+    dense = [torch.randn(b, 7, 16) for b in (3, 1, 4)]
+    model = [torch.randn(b, 7, 16) for b in (3, 1, 4)]
+    residual = torch.randn(8 * 7, 16)
+    flat = [torch.cat([t.reshape(-1, 16) for t in parts]) for parts in (dense, model)]
+    stored = flat[0] + share * (flat[1] - flat[0]) - residual
+    rows = RowDifference(dense, residual, model, share)
+    for start, stop in [(0, 56), (19, 22), (20, 29), (55, 56)]:
+        torch.testing.assert_close(rows[start:stop], stored[start:stop], rtol=0, atol=1e-6)
+    if share in (0.0, 1.0):  # the plain difference, bit for bit
+        plain = torch.sub(flat[int(share)], residual)
+        assert torch.equal(rows[0:56], plain)
+
+
 def _goals(monkeypatch):
-    """The block outputs each block's FFN was asked to match, by block index."""
+    """Each block's target parts (B₀, Bₘ as [N, d] rows, λ), by block index."""
     import sparsellm.pruners.sparsellm as joint
 
     goals, capture = {}, joint._capture_ffn
 
+    def rows(batches):
+        return torch.cat([b.float().reshape(-1, b.shape[-1]) for b in batches])
+
     def recording(job, ffn, goal, residual):
-        goals[job.index] = torch.cat([g.float().reshape(-1, g.shape[-1]) for g in goal])
+        model = rows(goal.model) if goal.model is not None else None
+        goals[job.index] = (rows(goal.dense), model, goal.correction)
         return capture(job, ffn, goal, residual)
 
     monkeypatch.setattr(joint, "_capture_ffn", recording)
@@ -167,40 +190,39 @@ def _goals(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_fit_to_model_matches_each_block_to_the_dense_models_output(
-    monkeypatch, family, calibration_ids
-):
+def test_each_block_is_fitted_towards_the_dense_models_output(monkeypatch, family, calibration_ids):
     dense = tiny_model(family)
     outputs = [block_output(dense, calibration_ids, i) for i in range(2)]
     wanted = [out.reshape(-1, out.shape[-1]) for out in outputs]
     goals = _goals(monkeypatch)
-    model = copy.deepcopy(dense)
-    prune_model(
-        model, method="sparsellm", sparsity=0.7, calibration=calibration_ids, progress=False
-    )
-    for index in range(2):  # the dense model's own outputs, not the dense block on pruned inputs
-        torch.testing.assert_close(goals[index], wanted[index], rtol=1e-5, atol=1e-5)
-
-    goals.clear()
-    model = copy.deepcopy(dense)
-    prune_model(
-        model,
-        method="sparsellm",
-        sparsity=0.7,
-        calibration=calibration_ids,
-        progress=False,
-        fit_to="block",
-    )
-    torch.testing.assert_close(goals[0], wanted[0], rtol=1e-5, atol=1e-5)  # same inputs there
-    assert relative_error(goals[1], wanted[1]) > 1e-4  # block 1's inputs were pruned
+    for correction in (0.5, 1.0, 0.0):
+        goals.clear()
+        prune_model(
+            copy.deepcopy(dense),
+            method="sparsellm",
+            sparsity=0.7,
+            calibration=calibration_ids,
+            progress=False,
+            correction=correction,
+        )
+        for index in range(2):
+            block, model, share = goals[index]
+            assert share == correction
+            if correction == 0:  # no stream of the dense model is kept
+                assert model is None
+            else:  # the stream is the dense model's own outputs
+                torch.testing.assert_close(model, wanted[index], rtol=1e-5, atol=1e-5)
+        # B₀: the dense block on the pruned inputs (block 0: the same inputs as the model's)
+        torch.testing.assert_close(goals[0][0], wanted[0], rtol=1e-5, atol=1e-5)
+        assert relative_error(goals[1][0], wanted[1]) > 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
-def test_fit_to_model_brings_the_last_block_closer_to_the_dense_model(family, calibration_ids):
+def test_correction_brings_the_last_block_closer_to_the_dense_model(family, calibration_ids):
     dense = tiny_model(family)
     wanted = block_output(dense, calibration_ids, 1)
     errors, reported = {}, {}
-    for fit_to in ("block", "model"):
+    for correction in (0.0, 0.5, 1.0):
         model = copy.deepcopy(dense)
         report = prune_model(
             model,
@@ -208,12 +230,29 @@ def test_fit_to_model_brings_the_last_block_closer_to_the_dense_model(family, ca
             sparsity=0.7,
             calibration=calibration_ids,
             progress=False,
-            fit_to=fit_to,
+            correction=correction,
         )
-        errors[fit_to] = relative_error(block_output(model, calibration_ids, 1), wanted)
-        reported[fit_to] = report.blocks[1]
-    assert reported["block"]["fit_to"] == "block" and reported["model"]["fit_to"] == "model"
-    assert "model_output_error" not in reported["block"]  # no dense-model stream was kept
-    assert errors["model"] < 0.95 * errors["block"], errors
+        errors[correction] = relative_error(block_output(model, calibration_ids, 1), wanted)
+        reported[correction] = report.blocks[1]
+    assert [reported[c]["correction"] for c in (0.0, 0.5, 1.0)] == [0.0, 0.5, 1.0]
+    assert "model_output_error" not in reported[0.0]  # no dense-model stream was kept
+    assert errors[1.0] < errors[0.5] < errors[0.0], errors
+    assert errors[1.0] < 0.95 * errors[0.0], errors
     # the report's figure is the error against the dense model measured here
-    assert reported["model"]["model_output_error"] == pytest.approx(errors["model"], rel=0.05)
+    for correction in (0.5, 1.0):
+        measured = reported[correction]["model_output_error"]
+        assert measured == pytest.approx(errors[correction], rel=0.05)
+
+
+def test_correction_outside_zero_to_one_is_refused(calibration_ids):
+    from sparsellm.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="correction"):
+        prune_model(
+            tiny_model("llama"),
+            method="sparsellm",
+            sparsity=0.5,
+            calibration=calibration_ids,
+            progress=False,
+            correction=1.5,
+        )

@@ -10,11 +10,12 @@ Per block:
 3. pass with the attention pruned: the FFN input ``X``, its output ``F`` and the block output
    ``B`` are recorded. *Residual path* (checked ``B = r + F``): the FFN is asked for
    ``Y = B* − r``, so it absorbs the attention's error and the block output is matched to
-   ``B*``: with ``fit_to="model"`` (the default) the dense *model's* output of this block
-   (``BlockJob.reference``: the engine runs each dense block on a second stream of
-   activations that never saw pruning), so the block also makes up for what the blocks
-   before it lost; with ``fit_to="block"`` the dense block's output on the pruned inputs,
-   ``B₀``. The pruned outputs are ``r + FFN(X)`` without another forward.
+   ``B* = B₀ + λ (Bₘ − B₀)``: ``B₀`` is the dense block's output on the pruned inputs
+   (SparseLLM's original target, λ = ``correction`` = 0), ``Bₘ`` the dense *model's* output
+   of this block (``BlockJob.reference``: the engine runs each dense block on a second
+   stream of activations that never saw pruning). ``Bₘ − B₀`` is what the blocks before lost,
+   as this block passes it on; with λ > 0 the block makes up that share of it (default 0.5).
+   The pruned outputs are ``r + FFN(X)`` without another forward.
    *General path* (a norm or scale after the FFN, a post-norm block, ...): the FFN's own dense
    output on ``X`` is the target and the engine runs the pruned block for its outputs;
 4. ``sparsellm_ffn`` prunes up (gate) and down jointly through the auxiliary variables.
@@ -69,12 +70,12 @@ class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
         "(one OBS sweep: faster, less accurate)",
         choices=("admm", "sparsegpt"),
     )
-    fit_to: str = setting(
-        "model",
-        "what each block's output is fitted to: model (the dense model's activations at that "
-        "depth, so a block also makes up for what earlier blocks lost) or block (the dense "
-        "block on the pruned inputs)",
-        choices=("model", "block"),
+    correction: float = setting(
+        0.5,
+        "share of the earlier blocks' error each block's FFN is asked to undo: its target "
+        "moves from the dense block's output on the pruned inputs (0, SparseLLM's original) "
+        "towards the dense model's own output (1)",
+        "fraction_number",
     )
     epochs: int = setting(1, "alternation epochs of the joint FFN solve", "non_negative_int")
     alpha: float | None = setting(
@@ -89,8 +90,8 @@ class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
 
     @property
     def follows_dense_model(self) -> bool:
-        """The engine keeps the dense model's activations for this run (``fit_to="model"``)."""
-        return self.fit_to == "model"
+        """The engine keeps the dense model's activations for this run (``correction`` > 0)."""
+        return self.correction > 0
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
@@ -103,10 +104,19 @@ class _FFNData:
     """What the joint FFN solve works on, as ``[N, d]`` host tensors (tokens as rows)."""
 
     X: torch.Tensor  # FFN inputs, model dtype
-    # What the FFN should output: float32 rows of F₀ (general path), or B₀ − r formed from
+    # What the FFN should output: float32 rows of F₀ (general path), or B* − r formed from
     # the dense outputs and the residual as it is read (residual path: no stored copy).
     target: torch.Tensor | RowDifference
     residual: torch.Tensor | None  # float32 r = B − F (residual path only)
+
+
+@dataclass
+class _Goal:
+    """The block output the FFN is fitted to, ``B* = B₀ + λ (Bₘ − B₀)``, as its parts."""
+
+    dense: list[torch.Tensor]  # B₀: the dense block on the pruned inputs
+    model: list[torch.Tensor] | None  # Bₘ: the dense model's output of the block
+    correction: float  # λ
 
 
 class _FFNRecorder:
@@ -117,8 +127,8 @@ class _FFNRecorder:
     are formed, so the host holds two ``[N, d]`` tensors besides the engine's own.
     """
 
-    def __init__(self, job: BlockJob, dense: list[torch.Tensor], residual: bool):
-        self.job, self.dense, self.residual_path = job, dense, residual
+    def __init__(self, job: BlockJob, goal: _Goal, residual: bool):
+        self.job, self.goal, self.residual_path = job, goal, residual
         self.tokens = job.inputs.tokens
         self.data: _FFNData | None = None
         self.ffn_out: torch.Tensor | None = None
@@ -129,7 +139,9 @@ class _FFNRecorder:
         X = host_empty(shape, x.dtype, device)
         if self.residual_path:
             residual = host_empty(shape, torch.float32, device)
-            return _FFNData(X, RowDifference(self.dense, residual), residual)
+            goal = self.goal
+            target = RowDifference(goal.dense, residual, goal.model, goal.correction)
+            return _FFNData(X, target, residual)
         return _FFNData(X, host_empty(shape, torch.float32, device), None)
 
     def on_input(self, module: nn.Module, inputs: tuple, output: object) -> None:
@@ -147,18 +159,16 @@ class _FFNRecorder:
         d = block_out.shape[-1]
         ffn_out = self.ffn_out.reshape(-1, d)
         rows = slice(self.rows, self.rows + ffn_out.shape[0])
-        if self.residual_path:  # the target Y = B₀ − r is read from B₀ and r (RowDifference)
+        if self.residual_path:  # the target Y = B* − r is read from B₀, Bₘ and r (RowDifference)
             self.data.residual[rows].copy_(block_out.reshape(-1, d).float().sub_(ffn_out))
         else:
             self.data.target[rows].copy_(ffn_out)
         self.rows, self.ffn_out = rows.stop, None
 
 
-def _capture_ffn(
-    job: BlockJob, ffn: FeedForward, dense: list[torch.Tensor], residual: bool
-) -> _FFNData:
+def _capture_ffn(job: BlockJob, ffn: FeedForward, goal: _Goal, residual: bool) -> _FFNData:
     """FFN inputs and targets (and the residual) over the calibration batches, on the host."""
-    recorder = _FFNRecorder(job, dense, residual)
+    recorder = _FFNRecorder(job, goal, residual)
     handles = [
         job.layers[ffn.up].register_forward_hook(recorder.on_input),
         job.layers[ffn.down].register_forward_hook(recorder.on_output),
@@ -309,8 +319,8 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
                 layers=rows, path="layerwise", reason=layout.reason, dense_outputs=dense_out
             )
 
-        fit_to_model = options.fit_to == "model" and job.reference is not None
-        goal = job.reference if fit_to_model else dense_out  # the block output to match
+        correction = options.correction if job.reference is not None else 0.0
+        goal = _Goal(dense_out, job.reference, correction)  # the block output to match
         data = _capture_ffn(job, ffn, goal, layout.residual)
         originals, new, result = _solve_ffn(job, ffn, data, options)
         data.target = None  # not needed again (general path: a float32 [N, d])
@@ -322,7 +332,7 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
         outputs = _pruned_outputs(job, ffn, data) if layout.residual else None
         del data
         figures = _figures(layout, result)
-        figures["fit_to"] = "model" if fit_to_model and layout.residual else "block"
+        figures["correction"] = correction if layout.residual else 0.0
         if outputs is not None and job.reference is not None:
             figures["model_output_error"] = output_error(outputs, job.reference)
         return BlockResult(

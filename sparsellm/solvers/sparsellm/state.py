@@ -101,16 +101,31 @@ class NamedSums:
 
 
 class RowDifference:
-    """``minuend − subtrahend`` as ``[N, d]`` float32 rows, formed a slice at a time when read.
+    """``minuend − subtrahend`` as ``[N, d]`` float32 rows, formed a slice at a time when read;
+    with ``toward`` and ``share`` the minuend moves that share of the way to ``toward``:
+    ``minuend + share · (toward − minuend) − subtrahend``.
 
-    SparseLLM's residual-path target ``Y = B₀ − r``: both operands are held anyway (the dense
-    block outputs ``B₀``, in batches, as the guard's reference; ``r`` to form the pruned
-    outputs), so storing their difference would cost one more ``[N, d]`` float32 on the host.
-    The rows read are bit for bit those of the stored difference.
+    SparseLLM's residual-path target ``Y = B* − r``: the operands are held anyway (the dense
+    block outputs ``B₀``, in batches, as the guard's reference; the dense model's outputs
+    ``Bₘ``, the next block's stream; ``r`` to form the pruned outputs), so storing the
+    difference would cost one more ``[N, d]`` float32 on the host. The rows read are bit for
+    bit those of the stored difference (at ``share`` 0 and 1, of the plain difference).
     """
 
-    def __init__(self, minuend: Sequence[Tensor], subtrahend: Tensor) -> None:
-        self.parts = [t.reshape(-1, t.shape[-1]) for t in minuend]  # the batches' rows
+    def __init__(
+        self,
+        minuend: Sequence[Tensor],
+        subtrahend: Tensor,
+        toward: Sequence[Tensor] | None = None,
+        share: float = 0.0,
+    ) -> None:
+        if toward is None or share == 0:
+            toward, share = None, 0.0
+        elif share == 1:
+            minuend, toward, share = toward, None, 0.0
+        self.parts = _rows(minuend)  # the batches' rows
+        self.toward = _rows(toward) if toward is not None else None
+        self.share = share
         self.starts = [0]
         for part in self.parts:
             self.starts.append(self.starts[-1] + part.shape[0])
@@ -122,17 +137,27 @@ class RowDifference:
     def dim(self) -> int:
         return 2
 
+    def _slice(self, parts: list[Tensor], start: int, stop: int) -> Tensor:
+        pieces = [
+            part[max(start - first, 0) : stop - first]
+            for part, first in zip(parts, self.starts, strict=False)
+            if first < stop and first + part.shape[0] > start
+        ]
+        return torch.cat(pieces) if pieces else self.subtrahend[:0]
+
     def __getitem__(self, rows: slice) -> Tensor:
         start, stop, step = rows.indices(self.shape[0])
         if step != 1:
             raise IndexError("RowDifference is read in contiguous row ranges")
-        pieces = [
-            part[max(start - first, 0) : stop - first]
-            for part, first in zip(self.parts, self.starts, strict=False)
-            if first < stop and first + part.shape[0] > start
-        ]
-        minuend = torch.cat(pieces) if pieces else self.subtrahend[:0]
+        minuend = self._slice(self.parts, start, stop)
+        if self.toward is not None:
+            minuend = minuend.float()
+            minuend += self.share * (self._slice(self.toward, start, stop).float() - minuend)
         return torch.sub(minuend, self.subtrahend[start:stop])  # float32 by type promotion
+
+
+def _rows(batches: Sequence[Tensor]) -> list[Tensor]:
+    return [t.reshape(-1, t.shape[-1]) for t in batches]
 
 
 def check_finite(name: str, t: Tensor | RowDifference | None) -> None:
