@@ -104,8 +104,9 @@ def damped_cholesky(
 ) -> DampedCholesky:
     """Lower Cholesky factor of ``H + λ·mean(diag H)·I``, the one damping rule of every solver.
 
-    λ starts at ``dampening`` and grows tenfold after each failed factorisation (from
-    :data:`DAMPING_FLOOR` when it was 0), at most ``max_retries`` times. A mean diagonal that is not
+    λ starts at ``dampening`` and grows tenfold after each failed factorisation, to no less
+    than :data:`DAMPING_FLOOR` (a zero or vanishing ``dampening`` would never get there),
+    at most ``max_retries`` times. A mean diagonal that is not
     positive (a zero or broken Gram) is taken as 1 so that the damping still adds something.
     The factorisation runs in ``gram``'s dtype: callers choose it with :func:`factor_dtype`.
 
@@ -122,7 +123,7 @@ def damped_cholesky(
     fraction = dampening
     for retries in range(max_retries + 1):
         if retries:
-            fraction = fraction * 10 if fraction > 0 else DAMPING_FLOOR
+            fraction = max(fraction * 10, DAMPING_FLOOR)
         with one_thread(gram.device):
             factor, failed = torch.linalg.cholesky_ex(gram + fraction * mean * eye)
         if not failed:

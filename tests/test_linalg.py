@@ -167,3 +167,12 @@ def test_factorisations_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
+
+
+def test_a_vanishing_dampening_is_raised_to_the_floor_on_retry():
+    """A positive dampening far below the floor (1e-280) must not stay there: tenfold steps
+    from it never reach a damping that makes a singular Gram factor."""
+    x = torch.randn(8, 3, dtype=torch.float64)
+    singular = x @ x.T  # rank 3 of 8
+    result = damped_cholesky(singular, 1e-280)
+    assert result.retries >= 1 and result.fraction >= DAMPING_FLOOR
