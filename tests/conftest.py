@@ -28,27 +28,23 @@ torch.set_num_threads(1)
 # use is the table whose canary case has the digest this machine computes for it. With none,
 # the checks skip: nothing was recorded for these numerics. SPARSELLM_RECORD_HASHES=1 records
 # into this machine's table (a new one if there is none).
-_TABLES: dict[Path, dict[str, str] | None] = {}
+# Per fixture file: all its tables and this machine's (an element of them, or None).
+_TABLES: dict[Path, tuple[list[dict[str, str]], dict[str, str] | None]] = {}
 
 
-def _tables(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    return json.loads(path.read_text())["tables"]
-
-
-def hash_table(path: Path, canary: str, run: Callable[[], str]) -> dict[str, str] | None:
-    """This machine's table in ``path``: the one whose ``canary`` entry equals ``run()``
-    (computed once per session); None when no table was recorded for these numerics."""
+def _tables(path: Path, canary: str, run: Callable[[], str]):
+    """``path``'s tables and this machine's: the one whose ``canary`` entry equals ``run()``
+    (computed once per session); None when none was recorded for these numerics (recording:
+    a new one, added to the file)."""
     if path not in _TABLES:
         digest = run()
-        tables = _tables(path)
+        tables = json.loads(path.read_text())["tables"] if path.exists() else []
         table = next((t for t in tables if t.get(canary) == digest), None)
         if table is None and os.environ.get("SPARSELLM_RECORD_HASHES"):
             table = {canary: digest}
             tables.append(table)
             _write_tables(path, tables)
-        _TABLES[path] = table
+        _TABLES[path] = tables, table
     return _TABLES[path]
 
 
@@ -59,7 +55,7 @@ def _write_tables(path: Path, tables: list[dict[str, str]]) -> None:
 
 def recorded(path: Path, key: str, canary: tuple[str, Callable[[], str]]) -> str:
     """The digest recorded for ``key`` on machines of this one's numerics (else skip)."""
-    table = hash_table(path, *canary)
+    table = _tables(path, *canary)[1]
     if table is None:
         pytest.skip(f"no digests in {path.name} for this CPU's rounding (canary {canary[0]})")
     if key not in table:
@@ -71,13 +67,11 @@ def check_recorded(
     path: Path, key: str, digest: str, what: str, canary: tuple[str, Callable[[], str]]
 ) -> None:
     """Compare ``digest`` with the one recorded under ``key`` for this machine's numerics
-    (see :func:`hash_table`); with ``SPARSELLM_RECORD_HASHES=1`` record it instead (only for
+    (see :func:`_tables`); with ``SPARSELLM_RECORD_HASHES=1`` record it instead (only for
     an intended change of numbers)."""
     if os.environ.get("SPARSELLM_RECORD_HASHES"):
-        table = hash_table(path, *canary)
-        tables = _tables(path)
-        mine = next(t for t in tables if t.get(canary[0]) == table[canary[0]])
-        mine[key] = table[key] = digest
+        tables, table = _tables(path, *canary)
+        table[key] = digest
         _write_tables(path, tables)
         return
     assert recorded(path, key, canary) == digest, f"{key}: {what}"

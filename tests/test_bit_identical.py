@@ -4,7 +4,7 @@ The hashes in ``fixtures/pruned_hashes.json`` were recorded on CPU (one thread, 
 runs) from main at 9ce8b3f, before the code was reorganised. A refactor that changes a single
 bit of any pruned tensor, for any method, pattern or FFN path, fails here. Re-record (only for an
 intended change of numbers) with ``SPARSELLM_RECORD_HASHES=1 pytest tests/test_bit_identical.py``.
-The file holds one table per kind of CPU numerics (``conftest.hash_table``): the first from the
+The file holds one table per kind of CPU numerics (``conftest._tables``): the first from the
 machine of the first recording, a second from an AMD EPYC (AVX-512); a machine that matches
 neither skips these checks. The first table lacks the default ``sparsellm`` cases changed by
 ``correction`` (they could not be re-recorded on its machine); its ``sparsellm-block`` and
