@@ -398,6 +398,33 @@ def dense_pass(
             return_freed_memory()
 
 
+def _check_and_allocate(
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    target: SparsityTarget,
+    options: EngineOptions,
+    report: PruneReport,
+    allocator: SparsityAllocator | None,
+) -> dict[str, float] | None:
+    """Before any block is pruned: check that the blocks form a chain, then let ``allocator``
+    (if any) see the dense model (before --resume restores anything) and return its per-layer
+    sparsities."""
+    from sparsellm.layout import check_block_chain
+
+    ids = windows[:1, :CHAIN_CHECK_TOKENS]
+    store = options.store
+    with store.rest(adapter, torch.device("cpu")) if store else contextlib.nullcontext():
+        check_block_chain(model, adapter.blocks(), ids, store)
+    if allocator is None:
+        return None
+    started = time.perf_counter()
+    dense_pass(model, adapter, windows, target, options, allocator)
+    sparsities = allocator.sparsities()
+    report.timings["allocation"] = time.perf_counter() - started
+    return sparsities
+
+
 def prune_blocks(
     model: nn.Module,
     adapter: Adapter,
@@ -425,21 +452,14 @@ def prune_blocks(
     host (or in the store's files).
     """
     from sparsellm.guard import prune_guarded
-    from sparsellm.layout import check_block_chain
     from sparsellm.resume import block_entry
 
     skip = re.compile(options.skip) if options.skip else None
     inputs, sparsities = None, None
     if windows is not None:
-        ids = windows[:1, :CHAIN_CHECK_TOKENS]
-        store = options.store
-        with store.rest(adapter, torch.device("cpu")) if store else contextlib.nullcontext():
-            check_block_chain(model, adapter.blocks(), ids, store)
-        if allocator is not None:  # before --resume restores anything: the dense model's
-            started = time.perf_counter()
-            dense_pass(model, adapter, windows, target, options, allocator)
-            sparsities = allocator.sparsities()
-            report.timings["allocation"] = time.perf_counter() - started
+        sparsities = _check_and_allocate(
+            model, adapter, windows, target, options, report, allocator
+        )
         if data_free:
             windows = None
         else:
