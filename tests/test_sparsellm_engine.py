@@ -256,3 +256,56 @@ def test_correction_outside_zero_to_one_is_refused(calibration_ids):
             progress=False,
             correction=1.5,
         )
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_capture_reads_the_residual_with_the_ffn_silenced(monkeypatch, family, calibration_ids):
+    """Residual path: the capture pass runs the block with the FFN's layers returning zeros.
+    What it stores as ``r`` is ``B − F`` of the full block (to float32 rounding), the FFN's
+    layers output only zeros in it, and their own forward methods (an instance wrapper, as
+    accelerate installs, included) are back afterwards."""
+    import sparsellm.pruners.sparsellm as joint
+
+    checked, capture = [], joint._capture_ffn
+
+    def full_block_residual(job, ffn):
+        seen = []
+        down = job.layers[ffn.down]
+        handle = down.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+        rows = []
+        with torch.no_grad():
+            for hidden, args, kwargs in job.inputs.batches():
+                out = job.block(hidden, *args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                width = out.shape[-1]  # OPT's FFN runs on [tokens, d] rows
+                rows.append((out.reshape(-1, width) - seen.pop().reshape(-1, width)).float())
+        handle.remove()
+        return torch.cat(rows)
+
+    def recording(job, ffn, goal, residual):
+        assert residual
+        wanted = full_block_residual(job, ffn)
+        layers = [job.layers[name] for name in ffn.names]
+        wrapper = layers[-1].forward  # a bound method stored on the instance
+        layers[-1].forward = wrapper
+        outputs = []
+        handles = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in layers]
+        data = capture(job, ffn, goal, residual)
+        for handle in handles:
+            handle.remove()
+        assert outputs and all(int(torch.count_nonzero(o)) == 0 for o in outputs)
+        assert layers[-1].__dict__["forward"] is wrapper
+        assert all("forward" not in m.__dict__ for m in layers[:-1])
+        torch.testing.assert_close(data.residual, wanted, rtol=1e-5, atol=1e-5)
+        checked.append(job.index)
+        return data
+
+    monkeypatch.setattr(joint, "_capture_ffn", recording)
+    prune_model(
+        tiny_model(family),
+        method="sparsellm",
+        sparsity=0.7,
+        calibration=calibration_ids,
+        progress=False,
+    )
+    assert checked == [0, 1]

@@ -7,8 +7,9 @@ Per block:
    which wiring reproduces its FFN, and whether its output is ``r + FFN output``;
 1. dense pass: Gram matrices of the attention layers and the dense block outputs ``B₀``;
 2. the attention layers (and everything outside the FFN) are pruned by ``layer_solver``;
-3. pass with the attention pruned: the FFN input ``X``, its output ``F`` and the block output
-   ``B`` are recorded. *Residual path* (checked ``B = r + F``): the FFN is asked for
+3. pass with the attention pruned: the FFN input ``X`` is recorded, and the block output.
+   *Residual path* (checked ``B = r + F``): the FFN's layers output zeros in this pass, so
+   the block output is ``r`` (and the pass costs the attention alone); the FFN is asked for
    ``Y = B* − r``, so it absorbs the attention's error and the block output is matched to
    ``B* = B₀ + λ (Bₘ − B₀)``: ``B₀`` is the dense block's output on the pruned inputs
    (SparseLLM's original target, λ = ``correction`` = 0), ``Bₘ`` the dense *model's* output
@@ -23,7 +24,9 @@ Per block:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +110,7 @@ class _FFNData:
     # What the FFN should output: float32 rows of F₀ (general path), or B* − r formed from
     # the dense outputs and the residual as it is read (residual path: no stored copy).
     target: torch.Tensor | RowDifference
-    residual: torch.Tensor | None  # float32 r = B − F (residual path only)
+    residual: torch.Tensor | None  # float32 r: the block output, FFN output 0 (residual path)
 
 
 @dataclass
@@ -124,7 +127,9 @@ class _FFNRecorder:
 
     Only ``X`` and the residual (residual path) or the float32 target (general path) are
     kept: the FFN output and the block output of a batch live on the device until its rows
-    are formed, so the host holds two ``[N, d]`` tensors besides the engine's own.
+    are formed, so the host holds two ``[N, d]`` tensors besides the engine's own. On the
+    residual path the FFN's layers output zeros (:func:`_zero_outputs`), so the block output
+    is ``r`` itself.
     """
 
     def __init__(self, job: BlockJob, goal: _Goal, residual: bool):
@@ -155,26 +160,53 @@ class _FFNRecorder:
         self.ffn_out = output.detach().clone()
 
     def on_block(self, block_out: torch.Tensor) -> None:
-        """The batch's block output: form its target (and residual) rows."""
+        """The batch's block output: its residual rows ``r`` (the FFN output zero) or its
+        target rows ``F₀`` (general path)."""
         d = block_out.shape[-1]
-        ffn_out = self.ffn_out.reshape(-1, d)
-        rows = slice(self.rows, self.rows + ffn_out.shape[0])
-        if self.residual_path:  # the target Y = B* − r is read from B₀, Bₘ and r (RowDifference)
-            self.data.residual[rows].copy_(block_out.reshape(-1, d).float().sub_(ffn_out))
-        else:
-            self.data.target[rows].copy_(ffn_out)
+        source = block_out if self.residual_path else self.ffn_out
+        rows = slice(self.rows, self.rows + source.numel() // d)
+        # residual path: the target Y = B* − r is read from B₀, Bₘ and r (RowDifference)
+        store = self.data.residual if self.residual_path else self.data.target
+        store[rows].copy_(source.reshape(-1, d))
         self.rows, self.ffn_out = rows.stop, None
+
+
+@contextlib.contextmanager
+def _zero_outputs(modules: list[nn.Module]) -> Iterator[None]:
+    """Each module returns zeros of its output shape instead of computing (hooks still run).
+
+    On the residual path the layout check showed the block output moves by exactly what is
+    added to the FFN output, so with a zero FFN output the block returns ``r`` itself: no
+    ``B − F`` rounding, and the capture pass skips the FFN's matmuls (most of a block's work).
+    """
+
+    def zeros(module: nn.Module, x: torch.Tensor, *args: object, **kwargs: object):
+        return x.new_zeros(*x.shape[:-1], linear_weight(module).shape[0])
+
+    # An instance ``forward`` may be someone's wrapper (accelerate's offload hooks): restored.
+    previous = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = functools.partial(zeros, module)
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, previous, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def _capture_ffn(job: BlockJob, ffn: FeedForward, goal: _Goal, residual: bool) -> _FFNData:
     """FFN inputs and targets (and the residual) over the calibration batches, on the host."""
     recorder = _FFNRecorder(job, goal, residual)
-    handles = [
-        job.layers[ffn.up].register_forward_hook(recorder.on_input),
-        job.layers[ffn.down].register_forward_hook(recorder.on_output),
-    ]
+    handles = [job.layers[ffn.up].register_forward_hook(recorder.on_input)]
+    if not residual:
+        handles.append(job.layers[ffn.down].register_forward_hook(recorder.on_output))
+    silenced = [job.layers[name] for name in ffn.names] if residual else []
     try:
-        job.forward(collect=recorder.on_block)
+        with _zero_outputs(silenced):
+            job.forward(collect=recorder.on_block)
     finally:
         for handle in handles:
             handle.remove()

@@ -11,8 +11,9 @@
               ``a = σ(n, m)`` (what the network computes); W2 re-solved on ``a`` against ``T``.
 
 Each pass is a few ``N·d·f`` matmuls, plus one ``N·f²`` Gram (upper block triangle only) in
-the final pass and in non-final epochs; the init pass samples ``_INIT_DOWN_TOKENS`` tokens for
-the Gram of its down solve, which only steers the first p-update. Tokens are processed in
+the final pass and in non-final epochs; the init pass runs the dense FFN on a sample of
+``_INIT_DOWN_TOKENS`` tokens only, for the Gram of its down solve, which only steers the first
+p-update, and the scales of the penalties (``XᵀX`` takes every token). Tokens are processed in
 chunks; z and s live on X's device; only d × d, f × f and f × d matrices are held whole; the
 damped inverse of ``XᵀX`` is computed once.
 """
@@ -50,9 +51,14 @@ _CG_ITERS_FINAL = 16
 _CG_ITERS_INIT_DOWN = 0
 # Tokens sampled (strided) for the Gram of the first down solve.
 _INIT_DOWN_TOKENS = 4096
+# Its support solver: one OBS sweep. Under ADMM this solve cost an f × f eigendecomposition
+# and the most expensive iterations of the block (W2 is d × f) for a weight that is replaced.
+_INIT_DOWN = "sparsegpt"
 
-# Squared norms of the dense pass: ‖m‖², ‖n‖², ‖a‖², ‖T‖², ‖Y‖², ‖T‖² of the sampled tokens.
-DENSE_SCALES = ("up", "gate", "act", "target", "output", "target_sample")
+# Squared norms of the dense pass: ‖m‖², ‖n‖², ‖a‖², ‖T‖², ‖Y‖², ‖T‖² of the sampled tokens,
+# and the count of those tokens (m, n, a are summed over the sample, then scaled to all).
+DENSE_SCALES = ("up", "gate", "act", "target", "output", "target_sample", "sampled")
+_SAMPLED_SCALES = ("up", "gate", "act")
 # Sums of an epoch pass: ‖z − m‖², ‖s − n‖², ‖p − σ(s, z)‖² of the new auxiliaries, ‖q‖²,
 # ‖FFN(X) − Y‖² of the current weights, ‖σW2ᵀ − T‖² before the p-update.
 EPOCH_TERMS = ("up", "gate", "act", "q", "output", "down_before")
@@ -96,6 +102,8 @@ def dense_pass(problem: FFNProblem, epochs: int) -> DensePass:
     problem.all_sum(out.input_gram, out.input_sum, out.down_gram, out.down_cross, scales.tensor)
     mirror_upper(out.down_gram, problem.hidden_blocks)
     out.scales = scales.values()
+    for name in _SAMPLED_SCALES:  # the sample's share of the tokens, as a sum over all
+        out.scales[name] *= out.tokens / max(out.scales["sampled"], 1.0)
     if not all(math.isfinite(v) for v in out.scales.values()):
         raise NumericalError("dense forward pass overflowed (non-finite activations)")
     check_finite("input Gram XᵀX", out.input_gram)
@@ -109,19 +117,22 @@ def _dense_chunk(
     rows, target = problem.load(start, stop)
     out.input_gram.addmm_(rows.T, rows)
     out.input_sum += rows.sum(0)
-    hidden, m, n = problem.forward_hidden(rows, problem.dense_up, problem.dense_gate)
+    scales.add("target", sq_norm(target))
+    output = target if problem.down_bias is None else target + problem.down_bias
+    scales.add("output", sq_norm(output))
+    # Every stride-th token counted from token 0, whichever chunk it falls in. The dense
+    # activations are needed for the sample alone: the first down solve's Grams, and the
+    # scales of m, n, a (they only set the penalties), so the FFN runs on the sample only.
+    offset = (-start) % out.stride
+    sample, target_sample = rows[offset :: out.stride], target[offset :: out.stride]
+    hidden, m, n = problem.forward_hidden(sample, problem.dense_up, problem.dense_gate)
     scales.add("up", sq_norm(m))
     if n is not None:
         scales.add("gate", sq_norm(n))
     scales.add("act", sq_norm(hidden))
-    scales.add("target", sq_norm(target))
-    output = target if problem.down_bias is None else target + problem.down_bias
-    scales.add("output", sq_norm(output))
-    # Every stride-th token counted from token 0, whichever chunk it falls in.
-    offset = (-start) % out.stride
-    sample, target_sample = hidden[offset :: out.stride], target[offset :: out.stride]
-    add_gram_upper(out.down_gram, sample, problem.hidden_blocks)
-    out.down_cross.addmm_(target_sample.T, sample)
+    scales.add("sampled", float(sample.shape[0]))
+    add_gram_upper(out.down_gram, hidden, problem.hidden_blocks)
+    out.down_cross.addmm_(target_sample.T, hidden)
     scales.add("target_sample", sq_norm(target_sample))
 
 
@@ -161,7 +172,7 @@ def initial_pruning(
     dense_down *= dense.stride
     down = WeightProblem("down", problem.dense_down, problem.dense_down, dense.down_cross, False)
     (down_step,) = solve_weights(
-        problem, log, dense.down_gram, [down], 0, cg_iters=_CG_ITERS_INIT_DOWN
+        problem, log, dense.down_gram, [down], 0, cg_iters=_CG_ITERS_INIT_DOWN, solver=_INIT_DOWN
     )
     state.down = down_step.weight
     log.history.append(

@@ -29,14 +29,16 @@ def solve_weights(
     inverse: Tensor | None = None,
     cg_iters: int = CG_ITERS,
     memo: dict | None = None,
+    solver: str | None = None,
 ) -> list[WeightStep]:
     """Weight steps sharing ``gram``; logs each choice and the damping retries.
 
     ``memo`` keeps what the support solver derives from ``gram`` alone for later steps on the
-    same Gram (pass ``problem.input_memo`` with the input Gram, nothing otherwise). With
-    ``problem.ranks`` each weight is solved on one rank and its step broadcast.
+    same Gram (pass ``problem.input_memo`` with the input Gram, nothing otherwise). ``solver``
+    overrides ``problem.weight_solver`` for these steps. With ``problem.ranks`` each weight is
+    solved on one rank and its step broadcast.
     """
-    support = SupportSolver(problem.weight_solver, problem.admm_iterations, memo)
+    support = SupportSolver(solver or problem.weight_solver, problem.admm_iterations, memo)
     solve = _local_steps if problem.ranks is None else _shared_steps
     steps, retries = solve(problem, gram, weights, inverse, cg_iters, support)
     log.info["damping_retries"] += retries
