@@ -180,7 +180,7 @@ def _zero_outputs(modules: list[nn.Module]) -> Iterator[None]:
     ``B − F`` rounding, and the capture pass skips the FFN's matmuls (most of a block's work).
     """
 
-    def zeros(module: nn.Module, x: torch.Tensor, *args: object, **kwargs: object):
+    def zeros(module: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], linear_weight(module).shape[0])
 
     # An instance ``forward`` may be someone's wrapper (accelerate's offload hooks): restored.
