@@ -6,9 +6,9 @@ bit of any pruned tensor, for any method, pattern or FFN path, fails here. Re-re
 intended change of numbers) with ``SPARSELLM_RECORD_HASHES=1 pytest tests/test_bit_identical.py``.
 The file holds one table per kind of CPU numerics (``conftest._tables``): the first from the
 machine of the first recording, a second from an AMD EPYC (AVX-512); a machine that matches
-neither skips these checks. The first table lacks the default ``sparsellm`` cases changed by
-``correction`` (they could not be re-recorded on its machine); its ``sparsellm-block`` and
-``sparsellm-obs`` cases still pin the shared code there.
+neither skips these checks. The first table lacks the ``sparsellm`` cases changed since (by
+``correction``, then by the faster capture and init passes): they could not be re-recorded on
+its machine, so there only ``gemma3/sparsellm-obs/50%`` still pins SparseLLM.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ CASES = [
     ],
     ("llama", "sparsellm", "70%-skip"),
     # SparseLLM with its earlier default solvers (SparseGPT for attention, OBS supports in the
-    # FFN): the hashes recorded before ADMM became the default, so that path is pinned too.
+    # FFN), so that path is pinned too.
     *[(family, "sparsellm-obs", target) for family, target in (("llama", "50%"), ("opt", "2:4"))],
     ("gemma3", "sparsellm-obs", "50%"),
     # SparseLLM fitting each block to the dense block on its pruned inputs (``correction=0``,
-    # the default before blocks were fitted towards the dense model): the hashes recorded then.
+    # the default before blocks were fitted towards the dense model), so that path is pinned.
     *[
         (family, "sparsellm-block", target)
         for family, target in (("llama", "50%"), ("opt", "2:4"), ("gpt2", "50%"), ("gemma3", "50%"))
