@@ -309,3 +309,54 @@ def test_capture_reads_the_residual_with_the_ffn_silenced(monkeypatch, family, c
         progress=False,
     )
     assert checked == [0, 1]
+
+
+def test_token_weights_are_the_inverse_squared_norms_of_the_target_output():
+    """Each token's weight is 1 / ‖B*_t‖² with B* = B₀ + λ (Bₘ − B₀), scaled to mean 1: a
+    token whose output is 100x the others' (an attention sink) weighs 10⁻⁴ of them."""
+    from sparsellm.pruners.sparsellm import _Goal, _token_weights
+
+    g = torch.Generator().manual_seed(0)
+    dense = [torch.randn(2, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)]
+    dense[0][0, 0] *= 100  # the sink
+    model = [d + 0.1 * torch.randn(d.shape, generator=g) for d in dense]
+    weights = _token_weights(_Goal(dense, model, 0.5))
+    pairs = zip(dense, model, strict=True)
+    blend = torch.cat([(d + 0.5 * (m - d)).reshape(-1, 8) for d, m in pairs])
+    expected = 1 / blend.square().sum(-1).double()
+    torch.testing.assert_close(weights.double(), expected / expected.mean(), rtol=1e-5, atol=0)
+    assert float(weights.mean()) == pytest.approx(1.0)
+    assert float(weights[0] / weights[1:].median()) < 1e-3
+    # without a dense-model stream (λ = 0) the dense block's own outputs set them
+    alone = _token_weights(_Goal(dense, None, 0.0))
+    plain = 1 / torch.cat([d.reshape(-1, 8) for d in dense]).square().sum(-1).double()
+    torch.testing.assert_close(alone.double(), plain / plain.mean(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("token_weights", ["relative", "uniform"])
+def test_the_ffn_solve_gets_each_tokens_weight(monkeypatch, token_weights, calibration_ids):
+    """``relative`` (the default) hands the FFN solve 1 / ‖B*_t‖² per token (the dense block's
+    outputs on block 0's inputs), ``uniform`` hands it nothing (a plain sum)."""
+    import sparsellm.pruners.sparsellm as joint
+
+    seen = []
+    solve = joint.sparsellm_ffn
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["token_weights"])
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(joint, "sparsellm_ffn", recording)
+    dense = tiny_model("llama")
+    wanted = block_output(dense, calibration_ids, 0).reshape(-1, dense.config.hidden_size)
+    options = {} if token_weights == "relative" else {"token_weights": "uniform"}
+    prune_model(
+        dense, method="sparsellm", sparsity=0.5, calibration=calibration_ids, progress=False,
+        **options,
+    )  # fmt: skip
+    assert len(seen) == dense.config.num_hidden_layers
+    if token_weights == "uniform":
+        assert all(weights is None for weights in seen)
+        return
+    expected = 1 / wanted.double().square().sum(-1)
+    torch.testing.assert_close(seen[0].double(), expected / expected.mean(), rtol=1e-4, atol=0)

@@ -430,3 +430,34 @@ def test_dense_scales_are_estimated_from_the_token_sample():
     assert result.gamma == pytest.approx(1 / float(sampled), rel=1e-4)
     chunked = solve(problem, act, SparsityTarget(0.5), epochs=1, chunk_size=333)
     assert chunked.gamma == pytest.approx(result.gamma, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["relu", "swiglu"])
+@pytest.mark.parametrize("weight_solver", ["sparsegpt", "admm"])
+def test_a_token_weighted_twice_counts_as_the_token_seen_twice(kind, weight_solver):
+    """Token weights enter every sum of the objective: a weight of 2 solves the problem in
+    which that token appears twice (same masks, weights to float rounding), and weights of 1
+    are the unweighted solve bit for bit."""
+    problem, act = ffn_problem(kind, tokens=300)
+    twice = torch.rand(300, generator=torch.Generator().manual_seed(5)) < 0.3
+    repeated = dict(problem)
+    rows = torch.cat([torch.arange(300), torch.nonzero(twice).flatten()])
+    repeated["X"], repeated["Y"] = problem["X"][rows], problem["Y"][rows]
+    target, kw = SparsityTarget(0.6), dict(weight_solver=weight_solver, epochs=2)
+    weighted = solve(problem, act, target, token_weights=1.0 + twice.float(), **kw)
+    seen_twice = solve(repeated, act, target, **kw)
+    for name in ("up", "gate", "down") if kind == "swiglu" else ("up", "down"):
+        ours, theirs = getattr(weighted, name), getattr(seen_twice, name)
+        assert torch.equal(ours == 0, theirs == 0), name
+        assert float((ours - theirs).norm() / theirs.norm()) < 1e-2, name
+    assert weighted.output_error == pytest.approx(seen_twice.output_error, rel=1e-3)
+    ones = solve(problem, act, target, token_weights=torch.ones(300), **kw)
+    plain = solve(problem, act, target, **kw)
+    assert torch.equal(ones.up, plain.up) and torch.equal(ones.down, plain.down)
+
+
+def test_bad_token_weights_are_refused():
+    problem, act = ffn_problem("relu", tokens=64)
+    for bad in (torch.ones(63), torch.full((64,), -1.0), torch.full((64,), float("nan"))):
+        with pytest.raises(ValueError, match="token_weights"):
+            solve(problem, act, SparsityTarget(0.5), token_weights=bad)

@@ -19,7 +19,9 @@ Per block:
    The pruned outputs are ``r + FFN(X)`` without another forward.
    *General path* (a norm or scale after the FFN, a post-norm block, ...): the FFN's own dense
    output on ``X`` is the target and the engine runs the pruned block for its outputs;
-4. ``sparsellm_ffn`` prunes up (gate) and down jointly through the auxiliary variables.
+4. ``sparsellm_ffn`` prunes up (gate) and down jointly through the auxiliary variables; on
+   the residual path each token's terms weigh ``1 / ‖B*_t‖²`` (``token_weights``), its error
+   relative to its norm, as the next norm reads it.
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
         "fraction_number",
     )
     epochs: int = setting(1, "alternation epochs of the joint FFN solve", "non_negative_int")
+    token_weights: str = setting(
+        "relative",
+        "how the FFN's fit counts each token's error: relative (to the norm of the token's "
+        "block output, as the next norm reads it) or uniform (a plain sum, SparseLLM's original)",
+        choices=("relative", "uniform"),
+    )
     alpha: float | None = setting(
         None, "penalty α of the joint FFN solve (default: automatic)", "positive_number"
     )
@@ -253,11 +261,37 @@ def _split_weights(
     )
 
 
+def _token_weights(goal: _Goal, device: torch.device | None = None) -> torch.Tensor:
+    """Each token's weight ``1 / ‖B*_t‖²``, scaled to mean 1 over every rank's tokens.
+
+    Whatever reads the block's output normalises each token first (the next block's norm, the
+    final norm), so what a token's error costs is its size relative to the token's norm. A
+    plain sum lets a few huge tokens rule the fit: SmolLM2's first token of every window
+    (an attention sink) carries ~98 % of the block outputs' energy from block 12 on.
+    """
+    squares = []
+    for i, dense in enumerate(goal.dense):
+        rows = dense.float()
+        if goal.model is not None and goal.correction:
+            rows = rows + goal.correction * (goal.model[i].float() - rows)
+        squares.append(rows.square().sum(-1).reshape(-1).double())
+    sq = torch.cat(squares)
+    weights = 1.0 / sq.clamp_min(float(sq.median()) * 1e-2)  # a zero output: not infinite
+    # on the work device: NCCL reduces device tensors only
+    total = torch.tensor([float(weights.sum()), float(weights.numel())], device=device)
+    all_reduce_sum_(total)
+    return (weights * float(total[1] / total[0])).float()
+
+
 def _solve_ffn(
-    job: BlockJob, ffn: FeedForward, data: _FFNData, options: SparseLLMOptions
+    job: BlockJob,
+    ffn: FeedForward,
+    data: _FFNData,
+    options: SparseLLMOptions,
+    token_weights: torch.Tensor | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], FFNSolveResult]:
-    """The joint FFN solve of ``FFN(X) ≈ target``: the original weights by layer name and the
-    new ones."""
+    """The joint FFN solve of ``FFN(X) ≈ target`` (each token's terms weighted by
+    ``token_weights``): the original weights by layer name and the new ones."""
     originals = {
         name: linear_weight(job.layers[name]).detach().to(torch.float32, copy=True)
         for name in ffn.names
@@ -281,6 +315,7 @@ def _solve_ffn(
             ranks=ranks(),
             weight_solver=weight_solver,
             admm_iterations=options.admm_iterations,
+            token_weights=token_weights,
             **_split_weights(job, ffn, originals),
             **{name: getattr(options, name) for name in _FFN_OPTIONS},
         )
@@ -354,7 +389,10 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
         correction = options.correction if job.reference is not None else 0.0
         goal = _Goal(dense_out, job.reference, correction)  # the block output to match
         data = _capture_ffn(job, ffn, goal, layout.residual)
-        originals, new, result = _solve_ffn(job, ffn, data, options)
+        relative = options.token_weights == "relative" and layout.residual
+        originals, new, result = _solve_ffn(
+            job, ffn, data, options, _token_weights(goal, job.options.device) if relative else None
+        )
         data.target = None  # not needed again (general path: a float32 [N, d])
         input_stats = LayerStatistics(tokens=result.tokens, hessian=result.input_gram)
         rows += [
@@ -365,6 +403,7 @@ def sparsellm_pruner(options: SparseLLMOptions) -> BlockPruner:
         del data
         figures = _figures(layout, result)
         figures["correction"] = correction if layout.residual else 0.0
+        figures["token_weights"] = "relative" if relative else "uniform"
         if outputs is not None and job.reference is not None:
             figures["model_output_error"] = output_error(outputs, job.reference)
         return BlockResult(

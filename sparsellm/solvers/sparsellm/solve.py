@@ -64,6 +64,7 @@ def sparsellm_ffn(
     progress: ProgressFn | None = None,
     reduce: ReduceFn | None = None,
     ranks: SharedSolves | None = None,
+    token_weights: Tensor | None = None,
 ) -> FFNSolveResult:
     """Prune a feed-forward block's up (and gate) and down projections jointly (SparseLLM).
 
@@ -95,6 +96,8 @@ def sparsellm_ffn(
         ranks: with ``reduce``, the processes' share of the weight solves: each up, gate and
             down step is solved by one of them and broadcast (``distributed.ranks()``); without
             it every process solves every step.
+        token_weights: ``[N]`` non-negative weight of each token's terms (on X's device; None:
+            all 1). A weight of 2 solves the problem in which the token appears twice.
 
     Returns :class:`FFNSolveResult` with float32 weights on ``up``'s device.
 
@@ -108,6 +111,7 @@ def sparsellm_ffn(
     _check_shapes(X, Y, weights, biases)
     _check_settings(X.shape[0], epochs, chunk_size, (alpha, beta, gamma))
     _check_weight_solver(weight_solver, admm_iterations)
+    _check_token_weights(token_weights, X.shape[0])
     work = {
         "dampening": dampening,
         "blocksize": blocksize,
@@ -115,6 +119,7 @@ def sparsellm_ffn(
         "ranks": ranks,
         "weight_solver": weight_solver,
         "admm_iterations": admm_iterations,
+        "token_weights": token_weights,
     }
     where = torch.device(device) if device is not None else X.device
     act = resolve_activation(activation)
@@ -213,6 +218,13 @@ def _check_settings(tokens: int, epochs: int, chunk_size: int, requested: Reques
     for name, v in zip(("alpha", "beta", "gamma"), requested, strict=True):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a positive finite number, got {v}")
+
+
+def _check_token_weights(weights: Tensor | None, tokens: int) -> None:
+    if weights is None:
+        return
+    if weights.shape != (tokens,) or not bool(torch.isfinite(weights).all() & (weights >= 0).all()):
+        raise ValueError(f"token_weights must be [{tokens}], finite and >= 0")
 
 
 def _check_weight_solver(weight_solver: str, admm_iterations: int) -> None:

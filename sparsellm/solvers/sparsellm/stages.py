@@ -64,6 +64,16 @@ _SAMPLED_SCALES = ("up", "gate", "act")
 EPOCH_TERMS = ("up", "gate", "act", "q", "output", "down_before")
 
 
+def _times(rows: Tensor, column: Tensor | None) -> Tensor:
+    """``rows`` scaled by a per-token column (unchanged for None: every weight 1)."""
+    return rows if column is None else rows * column
+
+
+def _root(weights: Tensor | None) -> Tensor | None:
+    """Square roots of token weights: ``Σ w uᵀu`` is the Gram of the rows times ``√w``."""
+    return None if weights is None else weights.sqrt()
+
+
 def _record(epoch: int, up: float, gate: float | None, act: float, down: float) -> dict[str, Any]:
     """One ``history`` entry: the objective terms and their total."""
     rec = {"epoch": epoch, "up": up, "gate": gate, "act": act, "down": down}
@@ -115,20 +125,25 @@ def _dense_chunk(
     problem: FFNProblem, out: DensePass, scales: NamedSums, start: int, stop: int
 ) -> None:
     rows, target = problem.load(start, stop)
-    out.input_gram.addmm_(rows.T, rows)
-    out.input_sum += rows.sum(0)
-    scales.add("target", sq_norm(target))
+    w = problem.weights(start, stop)
+    weighted = rows if w is None else rows * w
+    out.input_gram.addmm_(weighted.T, rows)
+    out.input_sum += weighted.sum(0)
+    root = _root(w)
+    scales.add("target", sq_norm(_times(target, root)))
     output = target if problem.down_bias is None else target + problem.down_bias
-    scales.add("output", sq_norm(output))
+    scales.add("output", sq_norm(_times(output, root)))
     # Every stride-th token counted from token 0, whichever chunk it falls in. The dense
     # activations are needed for the sample alone: the first down solve's Grams, and the
     # scales of m, n, a (they only set the penalties), so the FFN runs on the sample only.
     offset = (-start) % out.stride
     sample, target_sample = rows[offset :: out.stride], target[offset :: out.stride]
+    root = _root(None if w is None else w[offset :: out.stride])
     hidden, m, n = problem.forward_hidden(sample, problem.dense_up, problem.dense_gate)
-    scales.add("up", sq_norm(m))
+    scales.add("up", sq_norm(_times(m, root)))
     if n is not None:
-        scales.add("gate", sq_norm(n))
+        scales.add("gate", sq_norm(_times(n, root)))
+    hidden, target_sample = _times(hidden, root), _times(target_sample, root)
     scales.add("act", sq_norm(hidden))
     scales.add("sampled", float(sample.shape[0]))
     add_gram_upper(out.down_gram, hidden, problem.hidden_blocks)
@@ -284,10 +299,11 @@ def _epoch_chunk(
 ) -> None:
     """The auxiliary update of tokens ``start:stop`` (z, s in place) and their sums."""
     rows, target = problem.load(start, stop)
+    w = problem.weights(start, stop)
     z, s = auxiliaries
     hidden, m, n = problem.forward_hidden(rows, state.up, state.gate)
     error = torch.addmm(target, hidden, state.down.T, alpha=1.0, beta=-1.0)
-    sums.terms.add("output", sq_norm(error))
+    sums.terms.add("output", sq_norm(_times(error, _root(w))))
     del hidden, error
     gate_value = problem.act.fn(s) if problem.gated else None  # act(s) before the update
     hidden = ffn_hidden(problem.act.fn, s, z, gate_value)
@@ -300,12 +316,13 @@ def _epoch_chunk(
     update_auxiliaries(
         problem.act, ratios.up_ratio, ratios.gate_ratio, m, n, z, s, p, gate_value, sums.terms
     )
-    sums.up_cross.addmm_(z.T, rows)
+    weighted = _times(rows, w)
+    sums.up_cross.addmm_(z.T, weighted)
     if problem.gated:
-        sums.gate_cross.addmm_(s.T, rows)
+        sums.gate_cross.addmm_(s.T, weighted)
     if sums.down_gram is not None:
-        add_gram_upper(sums.down_gram, p, problem.hidden_blocks)
-        sums.down_cross.addmm_(target.T, p)
+        add_gram_upper(sums.down_gram, _times(p, _root(w)), problem.hidden_blocks)
+        sums.down_cross.addmm_(_times(target, w).T, p)
 
 
 def _epoch_solves(
@@ -366,9 +383,10 @@ def final_down_fit(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: i
     cross = torch.zeros(d, f, dtype=torch.float32, device=problem.device)
     for start, stop in problem.chunks:
         rows, target = problem.load(start, stop)
+        w = problem.weights(start, stop)
         hidden, _, _ = problem.forward_hidden(rows, state.up, state.gate)
-        add_gram_upper(gram, hidden, problem.hidden_blocks)
-        cross.addmm_(target.T, hidden)
+        add_gram_upper(gram, _times(hidden, _root(w)), problem.hidden_blocks)
+        cross.addmm_(_times(target, w).T, hidden)
     problem.all_sum(gram, cross)
     mirror_upper(gram, problem.hidden_blocks)
     check_finite("activation Gram of the pruned up/gate", gram)

@@ -205,6 +205,11 @@ class FFNProblem:
     admm_iterations: int = 60  # at most, per ADMM support solve
     # What the support solver derived from the input Gram XᵀX (every up/gate step's).
     input_memo: dict = field(default_factory=dict)
+    # [N] each token's weight in every Gram, cross sum and error of the solve (None: all 1),
+    # on the store. The per-element steps (p, z, s) solve each token alone, so a weight,
+    # which scales all of a token's terms, leaves them unchanged; the history's term sums
+    # (up, gate, act, q) stay plain sums (they only report).
+    token_weights: Tensor | None = None
 
     @property
     def gated(self) -> bool:
@@ -237,6 +242,12 @@ class FFNProblem:
         if self.down_bias is not None:
             target = target - self.down_bias
         return rows, target
+
+    def weights(self, start: int, stop: int) -> Tensor | None:
+        """Tokens ``start:stop``'s weights as a float32 ``[rows, 1]`` column (None: all 1)."""
+        if self.token_weights is None:
+            return None
+        return self.token_weights[start:stop, None].to(self.device, torch.float32)
 
     def forward_hidden(
         self, rows: Tensor, up: Tensor, gate: Tensor | None
