@@ -49,7 +49,7 @@ from sparsellm.report import BlockResult
 from sparsellm.settings import setting
 from sparsellm.solvers import LayerStatistics, Statistic, sparsegpt
 from sparsellm.solvers.admm import admm
-from sparsellm.solvers.sparsellm import FFNSolveResult, RowDifference, sparsellm_ffn
+from sparsellm.solvers.sparsellm import FFNSolveResult, RowDifference, blend, sparsellm_ffn
 
 CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes (no device budget: the CPU)
 _FFN_ROWS = 4096  # rows per chunk when the pruned FFN's outputs are formed
@@ -267,13 +267,13 @@ def _token_weights(goal: _Goal, device: torch.device | None = None) -> torch.Ten
     Whatever reads the block's output normalises each token first (the next block's norm, the
     final norm), so what a token's error costs is its size relative to the token's norm. A
     plain sum lets a few huge tokens rule the fit: SmolLM2's first token of every window
-    (an attention sink) carries ~98 % of the block outputs' energy from block 12 on.
+    (an attention sink) carries 67-98 % of the energy of blocks 11-27's outputs.
     """
     squares = []
     for i, dense in enumerate(goal.dense):
         rows = dense.float()
         if goal.model is not None and goal.correction:
-            rows = rows + goal.correction * (goal.model[i].float() - rows)
+            rows = blend(rows, goal.model[i], goal.correction)  # B*, as the target forms it
         squares.append(rows.square().sum(-1).reshape(-1).double())
     sq = torch.cat(squares)
     weights = 1.0 / sq.clamp_min(float(sq.median()) * 1e-2)  # a zero output: not infinite

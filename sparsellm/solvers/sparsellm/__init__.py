@@ -26,7 +26,13 @@ from __future__ import annotations
 
 from sparsellm.solvers.sparsellm.activations import ActivationLike
 from sparsellm.solvers.sparsellm.solve import sparsellm_ffn
-from sparsellm.solvers.sparsellm.state import FFNSolveResult, ProgressFn, ReduceFn, RowDifference
+from sparsellm.solvers.sparsellm.state import (
+    FFNSolveResult,
+    ProgressFn,
+    ReduceFn,
+    RowDifference,
+    blend,
+)
 
 __all__ = [
     "ActivationLike",
@@ -34,5 +40,6 @@ __all__ = [
     "ProgressFn",
     "ReduceFn",
     "RowDifference",
+    "blend",
     "sparsellm_ffn",
 ]

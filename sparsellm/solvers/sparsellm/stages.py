@@ -69,11 +69,6 @@ def _times(rows: Tensor, column: Tensor | None) -> Tensor:
     return rows if column is None else rows * column
 
 
-def _root(weights: Tensor | None) -> Tensor | None:
-    """Square roots of token weights: ``Σ w uᵀu`` is the Gram of the rows times ``√w``."""
-    return None if weights is None else weights.sqrt()
-
-
 def _record(epoch: int, up: float, gate: float | None, act: float, down: float) -> dict[str, Any]:
     """One ``history`` entry: the objective terms and their total."""
     rec = {"epoch": epoch, "up": up, "gate": gate, "act": act, "down": down}
@@ -125,11 +120,10 @@ def _dense_chunk(
     problem: FFNProblem, out: DensePass, scales: NamedSums, start: int, stop: int
 ) -> None:
     rows, target = problem.load(start, stop)
-    w = problem.weights(start, stop)
-    weighted = rows if w is None else rows * w
+    w, root = problem.weights(start, stop)
+    weighted = _times(rows, w)
     out.input_gram.addmm_(weighted.T, rows)
     out.input_sum += weighted.sum(0)
-    root = _root(w)
     scales.add("target", sq_norm(_times(target, root)))
     output = target if problem.down_bias is None else target + problem.down_bias
     scales.add("output", sq_norm(_times(output, root)))
@@ -138,7 +132,7 @@ def _dense_chunk(
     # scales of m, n, a (they only set the penalties), so the FFN runs on the sample only.
     offset = (-start) % out.stride
     sample, target_sample = rows[offset :: out.stride], target[offset :: out.stride]
-    root = _root(None if w is None else w[offset :: out.stride])
+    root = None if root is None else root[offset :: out.stride]
     hidden, m, n = problem.forward_hidden(sample, problem.dense_up, problem.dense_gate)
     scales.add("up", sq_norm(_times(m, root)))
     if n is not None:
@@ -299,11 +293,11 @@ def _epoch_chunk(
 ) -> None:
     """The auxiliary update of tokens ``start:stop`` (z, s in place) and their sums."""
     rows, target = problem.load(start, stop)
-    w = problem.weights(start, stop)
+    w, root = problem.weights(start, stop)
     z, s = auxiliaries
     hidden, m, n = problem.forward_hidden(rows, state.up, state.gate)
     error = torch.addmm(target, hidden, state.down.T, alpha=1.0, beta=-1.0)
-    sums.terms.add("output", sq_norm(_times(error, _root(w))))
+    sums.terms.add("output", sq_norm(_times(error, root)))
     del hidden, error
     gate_value = problem.act.fn(s) if problem.gated else None  # act(s) before the update
     hidden = ffn_hidden(problem.act.fn, s, z, gate_value)
@@ -321,7 +315,7 @@ def _epoch_chunk(
     if problem.gated:
         sums.gate_cross.addmm_(s.T, weighted)
     if sums.down_gram is not None:
-        add_gram_upper(sums.down_gram, _times(p, _root(w)), problem.hidden_blocks)
+        add_gram_upper(sums.down_gram, _times(p, root), problem.hidden_blocks)
         sums.down_cross.addmm_(_times(target, w).T, p)
 
 
@@ -383,9 +377,9 @@ def final_down_fit(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: i
     cross = torch.zeros(d, f, dtype=torch.float32, device=problem.device)
     for start, stop in problem.chunks:
         rows, target = problem.load(start, stop)
-        w = problem.weights(start, stop)
+        w, root = problem.weights(start, stop)
         hidden, _, _ = problem.forward_hidden(rows, state.up, state.gate)
-        add_gram_upper(gram, _times(hidden, _root(w)), problem.hidden_blocks)
+        add_gram_upper(gram, _times(hidden, root), problem.hidden_blocks)
         cross.addmm_(_times(target, w).T, hidden)
     problem.all_sum(gram, cross)
     mirror_upper(gram, problem.hidden_blocks)

@@ -151,9 +151,15 @@ class RowDifference:
             raise IndexError("RowDifference is read in contiguous row ranges")
         minuend = self._slice(self.parts, start, stop)
         if self.toward is not None:
-            minuend = minuend.float()
-            minuend += self.share * (self._slice(self.toward, start, stop).float() - minuend)
+            minuend = blend(minuend, self._slice(self.toward, start, stop), self.share)
         return torch.sub(minuend, self.subtrahend[start:stop])  # float32 by type promotion
+
+
+def blend(start: Tensor, toward: Tensor, share: float) -> Tensor:
+    """``start + share · (toward − start)`` in float32: the block output ``B*`` a SparseLLM
+    FFN is fitted to, from ``B₀`` towards ``Bₘ`` (a new tensor; the operands are kept)."""
+    start = start.float()
+    return start + share * (toward.float() - start)
 
 
 def _rows(batches: Sequence[Tensor]) -> list[Tensor]:
@@ -243,11 +249,13 @@ class FFNProblem:
             target = target - self.down_bias
         return rows, target
 
-    def weights(self, start: int, stop: int) -> Tensor | None:
-        """Tokens ``start:stop``'s weights as a float32 ``[rows, 1]`` column (None: all 1)."""
+    def weights(self, start: int, stop: int) -> tuple[Tensor | None, Tensor | None]:
+        """Tokens ``start:stop``'s weights ``w`` and their square roots as float32 ``[rows, 1]``
+        columns (None, None: all 1): ``Σ w uᵀu`` is the Gram of the rows times ``√w``."""
         if self.token_weights is None:
-            return None
-        return self.token_weights[start:stop, None].to(self.device, torch.float32)
+            return None, None
+        w = self.token_weights[start:stop, None].to(self.device, torch.float32)
+        return w, w.sqrt()
 
     def forward_hidden(
         self, rows: Tensor, up: Tensor, gate: Tensor | None
