@@ -18,14 +18,14 @@ from collections import Counter
 
 # (label, a frame that marks the stage, frames that must not be on the stack)
 STAGES = [
-    ("capture pass (attention pruned)", "_capture_ffn", ()),
+    ("capture pass (attention pruned)", "capture_ffn", ()),
     ("FFN solver's init pass", "dense_pass", ()),
     ("initial pruning (epoch 0)", "initial_pruning", ()),
     ("epoch pass + solves", "run_epoch", ()),
     ("final down fit", "final_down_fit", ()),
     ("dense pass (statistics, B0)", "collect_statistics", ()),
     ("attention solves", "solve_layers", ()),
-    ("pruned FFN outputs", "_pruned_outputs", ()),
+    ("pruned FFN outputs", "pruned_outputs", ()),
     ("dense-model stream", "BlockInputs.run", ("prune_guarded",)),
 ]
 

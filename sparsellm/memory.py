@@ -266,12 +266,13 @@ def host_activation_bytes(
     ``B₀`` (the guard's reference, kept by the statistics pass), [N, d] in the model dtype.
     Layer-wise methods then form the pruned outputs batch by batch, each dense batch dropped
     once compared with its pruned one (``guard``), so their sum stays [N, d]. SparseLLM
-    instead holds, during its solve, ``_FFNData``: X (model dtype) and one float32 [N, d]
-    (the residual, the target being read as dense outputs minus residual; or, on the general
-    path, the target), and z, s [N, f] float32 when ``epochs`` > 1 (the first epoch
-    recomputes them); its pruned outputs are formed in the residual. ``dense_model``
-    (SparseLLM's ``correction`` > 0): the dense model's stream, one more [N, d] (its block
-    outputs; the inputs they were computed from are dropped before the solve).
+    instead holds, during its solve, ``FFNData`` (`pruners/ffn_data.py`): X (model dtype)
+    and one float32 [N, d] (the residual, the target being read as dense outputs minus
+    residual; or, on the general path, the target), and z, s [N, f] float32 when ``epochs``
+    > 1 (the first epoch recomputes them); its pruned outputs are formed in the residual.
+    ``dense_model`` (SparseLLM's ``correction`` > 0): the dense model's stream, one more
+    [N, d] (its block outputs; the inputs they were computed from are dropped before the
+    solve).
 
     ``spilled`` (an out-of-core store, ``--offload disk``): the outputs a block pass forms
     wait in a file (``spill.py``), so layer-wise methods hold only block 0's captured inputs.

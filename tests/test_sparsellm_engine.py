@@ -175,7 +175,7 @@ def _goals(monkeypatch):
     """Each block's target parts (B₀, Bₘ as [N, d] rows, λ), by block index."""
     import sparsellm.pruners.sparsellm as joint
 
-    goals, capture = {}, joint._capture_ffn
+    goals, capture = {}, joint.capture_ffn
 
     def rows(batches):
         return torch.cat([b.float().reshape(-1, b.shape[-1]) for b in batches])
@@ -185,7 +185,7 @@ def _goals(monkeypatch):
         goals[job.index] = (rows(goal.dense), model, goal.correction)
         return capture(job, ffn, goal, residual)
 
-    monkeypatch.setattr(joint, "_capture_ffn", recording)
+    monkeypatch.setattr(joint, "capture_ffn", recording)
     return goals
 
 
@@ -266,7 +266,7 @@ def test_capture_reads_the_residual_with_the_ffn_silenced(monkeypatch, family, c
     accelerate installs, included) are back afterwards."""
     import sparsellm.pruners.sparsellm as joint
 
-    checked, capture = [], joint._capture_ffn
+    checked, capture = [], joint.capture_ffn
 
     def full_block_residual(job, ffn):
         seen = []
@@ -300,7 +300,7 @@ def test_capture_reads_the_residual_with_the_ffn_silenced(monkeypatch, family, c
         checked.append(job.index)
         return data
 
-    monkeypatch.setattr(joint, "_capture_ffn", recording)
+    monkeypatch.setattr(joint, "capture_ffn", recording)
     prune_model(
         tiny_model(family),
         method="sparsellm",
@@ -314,13 +314,13 @@ def test_capture_reads_the_residual_with_the_ffn_silenced(monkeypatch, family, c
 def test_token_weights_are_the_inverse_squared_norms_of_the_target_output():
     """Each token's weight is 1 / ‖B*_t‖² with B* = B₀ + λ (Bₘ − B₀), scaled to mean 1: a
     token whose output is 100x the others' (an attention sink) weighs 10⁻⁴ of them."""
-    from sparsellm.pruners.sparsellm import _Goal, _token_weights
+    from sparsellm.pruners.ffn_data import Goal, token_weights
 
     g = torch.Generator().manual_seed(0)
     dense = [torch.randn(2, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)]
     dense[0][0, 0] *= 100  # the sink
     model = [d + 0.1 * torch.randn(d.shape, generator=g) for d in dense]
-    weights = _token_weights(_Goal(dense, model, 0.5))
+    weights = token_weights(Goal(dense, model, 0.5))
     pairs = zip(dense, model, strict=True)
     blend = torch.cat([(d + 0.5 * (m - d)).reshape(-1, 8) for d, m in pairs])
     expected = 1 / blend.square().sum(-1).double()
@@ -328,7 +328,7 @@ def test_token_weights_are_the_inverse_squared_norms_of_the_target_output():
     assert float(weights.mean()) == pytest.approx(1.0)
     assert float(weights[0] / weights[1:].median()) < 1e-3
     # without a dense-model stream (λ = 0) the dense block's own outputs set them
-    alone = _token_weights(_Goal(dense, None, 0.0))
+    alone = token_weights(Goal(dense, None, 0.0))
     plain = 1 / torch.cat([d.reshape(-1, 8) for d in dense]).square().sum(-1).double()
     torch.testing.assert_close(alone.double(), plain / plain.mean(), rtol=1e-5, atol=0)
 
