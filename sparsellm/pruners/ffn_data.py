@@ -140,7 +140,7 @@ def pruned_outputs(job: BlockJob, ffn: FeedForward, data: FFNData) -> list[torch
     for start in range(0, data.X.shape[0], rows):
         x = data.X[start : start + rows].to(job.options.device, non_blocking=True)
         data.residual[start : start + rows] += to_host(ffn.forward(x, job.layers, chunk=rows))
-    return as_batches(data.residual, job.inputs.hidden)
+    return _as_batches(data.residual, job.inputs.hidden)
 
 
 def token_weights(goal: Goal, device: torch.device | None = None) -> torch.Tensor:
@@ -165,7 +165,7 @@ def token_weights(goal: Goal, device: torch.device | None = None) -> torch.Tenso
     return (weights * float(total[1] / total[0])).float()
 
 
-def as_batches(rows: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+def _as_batches(rows: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """``rows`` [N, d] cut back into tensors shaped and typed as the batches in ``like``."""
     sizes = [t.numel() // t.shape[-1] for t in like]
     return [part.view(t.shape).to(t.dtype) for part, t in zip(rows.split(sizes), like, strict=True)]
