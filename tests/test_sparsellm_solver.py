@@ -461,3 +461,57 @@ def test_bad_token_weights_are_refused():
     for bad in (torch.ones(63), torch.full((64,), -1.0), torch.full((64,), float("nan"))):
         with pytest.raises(ValueError, match="token_weights"):
             solve(problem, act, SparsityTarget(0.5), token_weights=bad)
+
+
+# --------------------------------------------------------------------------- ridge
+
+
+@pytest.mark.parametrize("kind", ["relu", "swiglu"])
+def test_ridge_keeps_the_objective_monotone_and_the_history_exact(kind):
+    problem, act = ffn_problem(kind)
+    result = solve(problem, act, SparsityTarget(0.6), epochs=4, chunk_size=100, ridge=2.0)
+    totals = [h["total"] for h in result.history]
+    assert all(b <= a * (1 + 1e-6) + 1e-12 for a, b in zip(totals, totals[1:], strict=False))
+    assert totals[-1] < totals[0]
+    # the returned output error is the data term alone, the ridge left out
+    up, gate, down = result.up, result.gate, result.down
+    assert result.output_error == pytest.approx(rel_error(problem, act, up, gate, down), rel=1e-3)
+
+
+def test_ridge_pulls_the_weights_towards_the_dense_ones():
+    problem, act = ffn_problem("swiglu")
+    distances = []
+    for ridge in (0.0, 1.0, 100.0):
+        result = solve(problem, act, SparsityTarget(0.5), weight_solver="admm", ridge=ridge)
+        distances.append(float((result.down - problem["down"]).square().sum()))
+    assert distances[0] > distances[1] > distances[2]
+    # a huge pull leaves the kept weights at their dense values: only the pruned ones moved
+    kept = result.down != 0
+    torch.testing.assert_close(result.down[kept], problem["down"][kept], rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("target", [SparsityTarget(0.5), SparsityTarget(n=2, m=4)], ids=str)
+def test_ridge_lowers_the_error_on_tokens_the_fit_did_not_see(target):
+    """Few tokens per weight (the regime of a wide FFN's down projection): the plain fit
+    overfits its tokens, the ridge generalises better: by 5-10 % on average over six seeds
+    (one seed of the eight looked at was 2 % worse, at 50 %)."""
+    gains = []
+    for seed in range(6):
+        everything, act = ffn_problem("swiglu", tokens=2096, d=16, f=64, seed=seed, rank=12)
+        fitted, held_out = dict(everything), dict(everything)
+        for name in ("X", "Y"):
+            fitted[name], held_out[name] = everything[name][:96], everything[name][96:]
+        errors = []
+        for ridge in (0.0, 1.0):
+            r = solve(fitted, act, target, weight_solver="admm", ridge=ridge)
+            errors.append(rel_error(held_out, act, r.up, r.gate, r.down))
+        gains.append(errors[1] / errors[0])
+    assert torch.tensor(gains).log().mean().exp() < 0.95, gains
+    assert sum(g < 1.0 for g in gains) >= 5, gains
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_ridge_is_refused(bad):
+    problem, act = ffn_problem("relu")
+    with pytest.raises(ValueError, match="ridge"):
+        solve(problem, act, SparsityTarget(0.5), ridge=bad)

@@ -52,7 +52,7 @@ from sparsellm.solvers.sparsellm import FFNSolveResult, sparsellm_ffn
 CHUNK_TOKENS = 2048  # tokens per chunk of the solver's passes (no device budget: the CPU)
 LAYOUT_WINDOWS = 4  # calibration windows the layout check runs the dense block on
 # The options the joint FFN solve takes (the others configure the layers outside the FFN).
-_FFN_OPTIONS = ("epochs", "alpha", "beta", "gamma", "dampening", "blocksize")
+_FFN_OPTIONS = ("epochs", "alpha", "beta", "gamma", "dampening", "blocksize", "ridge")
 
 
 @dataclass
@@ -85,6 +85,13 @@ class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
         "how the FFN's fit counts each token's error: relative (to the norm of the token's "
         "block output, as the next norm reads it) or uniform (a plain sum, SparseLLM's original)",
         choices=("relative", "uniform"),
+    )
+    ridge: float = setting(
+        1.0,
+        "pull of the FFN's weight fits towards the dense weights: λ = ridge x the mean squared "
+        "norm of each layer's input rows, i.e. ridge x in_features / tokens of its Gram's mean "
+        "diagonal (0: none, SparseLLM's original objective)",
+        "non_negative_number",
     )
     alpha: float | None = setting(
         None, "penalty α of the joint FFN solve (default: automatic)", "positive_number"

@@ -65,6 +65,7 @@ def sparsellm_ffn(
     reduce: ReduceFn | None = None,
     ranks: SharedSolves | None = None,
     token_weights: Tensor | None = None,
+    ridge: float = 0.0,
 ) -> FFNSolveResult:
     """Prune a feed-forward block's up (and gate) and down projections jointly (SparseLLM).
 
@@ -98,6 +99,10 @@ def sparsellm_ffn(
             it every process solves every step.
         token_weights: ``[N]`` non-negative weight of each token's terms (on X's device; None:
             all 1). A weight of 2 solves the problem in which the token appears twice.
+        ridge: every weight step also pays ``λ‖W − W_dense‖²`` with ``λ = ridge`` times the
+            mean squared norm of the step's input rows (X for up and gate, the dense
+            activation for down): a pull towards the dense weights that fades as tokens grow
+            (0: the plain objective).
 
     Returns :class:`FFNSolveResult` with float32 weights on ``up``'s device.
 
@@ -112,6 +117,8 @@ def sparsellm_ffn(
     _check_settings(X.shape[0], epochs, chunk_size, (alpha, beta, gamma))
     _check_weight_solver(weight_solver, admm_iterations)
     _check_token_weights(token_weights, X.shape[0])
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
     work = {
         "dampening": dampening,
         "blocksize": blocksize,
@@ -120,6 +127,7 @@ def sparsellm_ffn(
         "weight_solver": weight_solver,
         "admm_iterations": admm_iterations,
         "token_weights": token_weights,
+        "ridge": ridge,
     }
     where = torch.device(device) if device is not None else X.device
     act = resolve_activation(activation)

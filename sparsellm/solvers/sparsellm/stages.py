@@ -42,7 +42,13 @@ from sparsellm.solvers.sparsellm.state import (
     check_finite,
 )
 from sparsellm.solvers.sparsellm.steps import solve_weights
-from sparsellm.solvers.sparsellm.weights import WeightProblem, damped_inverse, quad_value
+from sparsellm.solvers.sparsellm.weights import (
+    WeightProblem,
+    damped_inverse,
+    quad_value,
+    ridge_strength,
+    with_ridge,
+)
 
 # Masked conjugate-gradient iterations: CG_ITERS (steps.py) after each OBS sweep; the final
 # down fit (the one returned) gets more; the first down solve, which only steers the first
@@ -150,8 +156,13 @@ def initial_pruning(
 ) -> FFNState:
     """Epoch 0: W1, Wg, W2 := sparse LS fits of the dense state; the starting iterate."""
     gram = dense.input_gram
+    # λ of the ridges, fixed for the solve: the mean squared norm of the input rows (X for
+    # up/gate, the dense activation for down) times problem.ridge.
+    input_ridge = ridge_strength(problem.ridge, float(gram.trace()), dense.tokens)
+    down_ridge = ridge_strength(problem.ridge, dense.scales["act"], dense.tokens)
+    solve_gram = with_ridge(gram, input_ridge)
     # H = XᵀX never changes: its damped inverse serves every up/gate solve.
-    inverse, retries = damped_inverse(gram, problem.dampening)
+    inverse, retries = damped_inverse(solve_gram, problem.dampening)
     log.info["damping_retries"] += retries
     state = FFNState(
         up=problem.dense_up,
@@ -160,22 +171,27 @@ def initial_pruning(
         z=None,
         s=None,
         input_gram=gram,
+        solve_gram=solve_gram,
         input_gram_inverse=inverse,
         input_sum=dense.input_sum,
         penalties=penalties,
         target_sq=dense.scales["target"],
         output_sq=dense.scales["output"] if dense.scales["output"] > 0 else 1.0,
         tokens=dense.tokens,
+        ridge={"up": input_ridge, "gate": input_ridge, "down": down_ridge},
     )
     # z, s are the dense pre-activations, so C = W_dense·H exactly: no pass needed.
     up_cross = problem.dense_up @ gram
     gate_cross = problem.dense_gate @ gram if problem.gated else None
     inputs = _input_weights(problem, state, up_cross, gate_cross, feasible=False)
-    steps = solve_weights(problem, log, gram, inputs, 0, inverse, memo=problem.input_memo)
+    steps = solve_weights(
+        problem, log, solve_gram, inputs, 0, inverse, memo=problem.input_memo, ridge=input_ridge
+    )
     state.up = steps[0].weight
     state.gate = steps[1].weight if problem.gated else None
     # ‖a₀W2ᵀ − T‖² (0 when Y is the dense output); with a token sample this is an estimate,
-    # replaced by the exact figure during the first epoch's pass.
+    # replaced by the exact figure during the first epoch's pass. This down solve only
+    # steers the first p-update: no ridge (its Gram is a sample's).
     sample_sq = dense.scales["target_sample"]
     dense_down = quad_value(problem.dense_down, dense.down_gram, dense.down_cross, sample_sq)
     dense_down *= dense.stride
@@ -233,7 +249,8 @@ def run_epoch(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: int, l
     previous = log.history[-1]
     previous["output_error"] = terms["output"] / state.output_sq
     if epoch == 1:  # exact down term of the initial state (the init pass may have sampled)
-        previous["down"] = state.penalties.beta * terms["down_before"]
+        down_ridge = state.ridge_term("down", problem.dense_down)
+        previous["down"] = state.penalties.beta * (terms["down_before"] + down_ridge)
         previous["total"] = _total(previous)
     _epoch_solves(problem, state, log, epoch, sums, terms)
 
@@ -337,11 +354,12 @@ def _epoch_solves(
     steps = solve_weights(
         problem,
         log,
-        state.input_gram,
+        state.solve_gram,
         inputs,
         epoch,
         state.input_gram_inverse,
         memo=problem.input_memo,
+        ridge=state.ridge["up"],
     )
     state.up = steps[0].weight
     gate_term = None
@@ -352,10 +370,14 @@ def _epoch_solves(
     down_sq = c * c * terms["q"]  # residual of the new p is −(γ/β)·q
     if sums.down_gram is not None:
         mirror_upper(sums.down_gram, problem.hidden_blocks)
+        ridge = state.ridge["down"]
+        sums.down_gram.diagonal().add_(ridge)
         down = WeightProblem("down", problem.dense_down, state.down, sums.down_cross, True)
-        (down_step,) = solve_weights(problem, log, sums.down_gram, [down], epoch)
+        (down_step,) = solve_weights(problem, log, sums.down_gram, [down], epoch, ridge=ridge)
         state.down = down_step.weight
         down_sq += down_step.delta
+    else:  # W2 stays: its ridge term as it is
+        down_sq += state.ridge_term("down", problem.dense_down)
     log.history.append(
         _record(
             epoch,
@@ -386,7 +408,12 @@ def final_down_fit(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: i
     check_finite("activation Gram of the pruned up/gate", gram)
     before = quad_value(state.down, gram, cross, state.target_sq)
     log.history[-1]["output_error"] = before / state.output_sq
+    ridge = state.ridge["down"]
+    gram.diagonal().add_(ridge)
     down = WeightProblem("down", problem.dense_down, state.down, cross, True)
-    (step,) = solve_weights(problem, log, gram, [down], epoch, cg_iters=_CG_ITERS_FINAL)
+    (step,) = solve_weights(
+        problem, log, gram, [down], epoch, cg_iters=_CG_ITERS_FINAL, ridge=ridge
+    )
     state.down = step.weight
-    return max(before + step.delta, 0.0) / state.output_sq
+    after = before + step.delta - state.ridge_term("down", problem.dense_down)
+    return max(after, 0.0) / state.output_sq

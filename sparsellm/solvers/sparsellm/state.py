@@ -209,6 +209,9 @@ class FFNProblem:
     ranks: SharedSolves | None = None  # None: this process solves every weight itself
     weight_solver: str = "sparsegpt"  # each weight step's support: "sparsegpt" or "admm"
     admm_iterations: int = 60  # at most, per ADMM support solve
+    # Pull of every weight step towards the dense weight: λ = ridge · mean ‖input row‖²
+    # (:func:`.weights.ridge_strength`); 0: none, the plain objective.
+    ridge: float = 0.0
     # What the support solver derived from the input Gram XᵀX (every up/gate step's).
     input_memo: dict = field(default_factory=dict)
     # [N] each token's weight in every Gram, cross sum and error of the solve (None: all 1),
@@ -336,13 +339,24 @@ class FFNState:
     # pre-activations m₀, n₀, which the first epoch recomputes from X rather than storing.
     z: Tensor | None
     s: Tensor | None
-    input_gram: Tensor  # H = XᵀX, the Gram of every up/gate solve
+    input_gram: Tensor  # H = XᵀX
+    solve_gram: Tensor  # H + λ_in·I, the Gram of every up/gate solve (H itself without ridge)
     input_gram_inverse: Tensor  # its damped inverse, computed once
     input_sum: Tensor  # column sums of X: fold the biases into the cross-products
     penalties: Penalties
     target_sq: float  # ‖T‖² = ‖Y − b2‖²
     output_sq: float  # ‖Y‖² (1 when Y = 0): denominator of every output_error
     tokens: int  # over every rank
+    # λ of each weight's ridge (``FFNProblem.ridge``), fixed for the whole solve
+    ridge: dict[str, float] = field(default_factory=dict)
+
+    def ridge_term(self, name: str, dense: Tensor) -> float:
+        """``λ‖W − W_dense‖²`` of weight ``name`` now (0 without ridge)."""
+        ridge = self.ridge.get(name, 0.0)
+        if ridge <= 0:
+            return 0.0
+        weight = getattr(self, name)
+        return ridge * float((weight - dense).to(torch.float64).square().sum())
 
 
 @dataclass

@@ -30,17 +30,19 @@ def solve_weights(
     cg_iters: int = CG_ITERS,
     memo: dict | None = None,
     solver: str | None = None,
+    ridge: float = 0.0,
 ) -> list[WeightStep]:
     """Weight steps sharing ``gram``; logs each choice and the damping retries.
 
     ``memo`` keeps what the support solver derives from ``gram`` alone for later steps on the
     same Gram (pass ``problem.input_memo`` with the input Gram, nothing otherwise). ``solver``
-    overrides ``problem.weight_solver`` for these steps. With ``problem.ranks`` each weight is
-    solved on one rank and its step broadcast.
+    overrides ``problem.weight_solver`` for these steps. With ``ridge`` > 0, ``gram`` (and
+    ``inverse``) are ``H + ridge·I``'s (see :func:`.weights.sparse_ls_steps`). With
+    ``problem.ranks`` each weight is solved on one rank and its step broadcast.
     """
     support = SupportSolver(solver or problem.weight_solver, problem.admm_iterations, memo)
     solve = _local_steps if problem.ranks is None else _shared_steps
-    steps, retries = solve(problem, gram, weights, inverse, cg_iters, support)
+    steps, retries = solve(problem, gram, weights, inverse, cg_iters, support, ridge)
     log.info["damping_retries"] += retries
     for wp, step in zip(weights, steps, strict=True):
         check_finite(f"{wp.name} after epoch {epoch}", step.weight)
@@ -56,6 +58,7 @@ def _local_steps(
     inverse: Tensor | None,
     cg_iters: int,
     support: SupportSolver,
+    ridge: float,
 ) -> tuple[list[WeightStep], int]:
     """The steps solved here, and the damping retries of ``gram``'s inverse (if computed)."""
     retries = 0
@@ -70,6 +73,7 @@ def _local_steps(
         blocksize=problem.blocksize,
         cg_iters=cg_iters,
         support=support,
+        ridge=ridge,
     )
     return steps, retries
 
@@ -81,6 +85,7 @@ def _shared_steps(
     inverse: Tensor | None,
     cg_iters: int,
     support: SupportSolver,
+    ridge: float,
 ) -> tuple[list[WeightStep], int]:
     """Each weight solved by one rank (by its OBS cost, rows × cols²), its step broadcast.
 
@@ -94,7 +99,7 @@ def _shared_steps(
     retries, failure = 0, None
     try:
         if mine:
-            steps, retries = _local_steps(problem, gram, mine, inverse, cg_iters, support)
+            steps, retries = _local_steps(problem, gram, mine, inverse, cg_iters, support, ridge)
             solved = {w.name: step for w, step in zip(mine, steps, strict=True)}
     except NumericalError as exc:  # raised on every rank below, so all take the fallback
         failure = exc

@@ -15,6 +15,14 @@ few seconds per matrix). Candidate 2: the current
 sparse weight, CG-refined on its own mask. The lower ``q`` wins, compared from the Grams as
 ``⟨A − B, (A + B)H − 2C⟩``; the current weight is kept if neither is lower. OBS alone is not
 a minimiser, so this is what makes the weight step monotone.
+
+Ridge. With ``ridge`` = λ > 0 each step minimises ``q(W) + λ‖W − W_dense‖²`` instead: the same
+quadratic in ``H + λI`` and ``C + λ W_dense``. The fit then leans towards the dense weight in the
+directions the calibration tokens barely see. A sparse fit of a [d, f] down projection from
+tens of thousands of tokens is loose: on SmolLM2 blocks 3 / 15 / 25 at 50 % its error on held-out
+windows was 1.2-1.4x the error on the windows fitted; λ = mean ‖a_t‖² (see
+:func:`ridge_strength`) cut the held-out error by 1.3-3.6 % (2:4 and 70 % alike) for a
+calibration error 0.6-3 % higher.
 """
 
 from __future__ import annotations
@@ -52,9 +60,27 @@ class WeightStep:
     """The weight a solve kept and what it did to the objective."""
 
     weight: Tensor
-    delta: float  # q(new) − q(current) from the Grams (≤ 0 when current was feasible)
+    # q(new) − q(current) from the Grams (≤ 0 when current was feasible); with a ridge, see
+    # :func:`sparse_ls_steps`
+    delta: float
     choice: str  # "obs" or "admm" (the new support), "kept+cg" or "kept"
     retries: int = 0  # damping retries of the OBS sweep
+
+
+def ridge_strength(scale: float, input_energy: float, tokens: int) -> float:
+    """λ of a weight step's ridge: ``scale`` times the mean squared norm of the step's input
+    rows, ``input_energy / tokens``. As a fraction of the Gram's mean diagonal this is
+    ``scale · in_features / tokens``: the more tokens per weight of a row, the less pull."""
+    return scale * input_energy / max(tokens, 1)
+
+
+def with_ridge(gram: Tensor, ridge: float) -> Tensor:
+    """``H + ridge·I`` as a new tensor (``gram`` itself when ``ridge`` is 0)."""
+    if ridge <= 0:
+        return gram
+    ridged = gram.clone()
+    ridged.diagonal().add_(ridge)
+    return ridged
 
 
 def damped_inverse(gram: Tensor, dampening: float) -> tuple[Tensor, int]:
@@ -163,8 +189,14 @@ def sparse_ls_steps(
     blocksize: int,
     cg_iters: int,
     support: SupportSolver | None = None,
+    ridge: float = 0.0,
 ) -> list[WeightStep]:
     """Safeguarded sparse least-squares solves sharing H (see the module docstring).
+
+    With ``ridge`` = λ > 0, ``gram`` and ``inverse`` are those of ``H + λI`` (:func:`with_ridge`)
+    and each problem's ``cross`` is ``C`` alone: ``λ·anchor`` is added here. A step's ``delta``
+    is then ``q(new) + λ‖new − anchor‖² − q(current)``: the new value of the step's term, ridge
+    included, less the current value of its data term (what the solver's history adds it to).
 
     Candidates: the anchored dense solution made sparse by ``support``, and the current weight
     if feasible; each CG-refined on its mask (rows are independent problems). Candidates are
@@ -177,6 +209,12 @@ def sparse_ls_steps(
         stats.memo = support.memo
     steps = []
     for pb in problems:
+        shift = 0.0
+        if ridge > 0:
+            shift = ridge * float((pb.current - pb.anchor).to(torch.float64).square().sum())
+            pb = WeightProblem(
+                pb.name, pb.anchor, pb.current, pb.cross + ridge * pb.anchor, pb.feasible
+            )
         dense = anchored_ls(pb.anchor, gram, pb.cross, inverse)
         sparse, retries = _sparse_start(
             dense, stats, targets[pb.name], support, dampening, blocksize
@@ -190,7 +228,9 @@ def sparse_ls_steps(
             (delta,) = quad_diffs([weight], [pb.current], gram, [pb.cross])
             refined.append((delta, weight))
         label = "admm" if support.name == "admm" else "obs"
-        steps.append(_best_candidate(pb, refined, retries, label))
+        step = _best_candidate(pb, refined, retries, label)
+        step.delta += shift
+        steps.append(step)
     return steps
 
 
