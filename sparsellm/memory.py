@@ -176,10 +176,10 @@ def solver_pass_bytes(shape: BlockShape) -> int:
     """Device bytes a SparseLLM pass over the tokens holds besides its chunk (the weight
     solves' stacks are gone by then): the dense and current float32 FFN weights (6 f x d gated,
     4 plain), the cross products it sums into (zᵀX, sᵀX, Tᵀp: 3 f x d gated, 2 plain), the
-    f x f Gram pᵀp and the d x d Gram of X with its inverse."""
+    f x f Gram pᵀp and the d x d Gram of X, its ridged copy (``--ridge``) and their inverse."""
     d, f = shape.hidden, shape.intermediate
     matrices = 9 if shape.gated else 6
-    return (matrices * f * d + f * f + 2 * d * d) * F32
+    return (matrices * f * d + f * f + 3 * d * d) * F32
 
 
 def forward_fixed_bytes(shape: BlockShape) -> int:
