@@ -7,9 +7,9 @@ intended change of numbers) with ``SPARSELLM_RECORD_HASHES=1 pytest tests/test_b
 The file holds one table per kind of CPU numerics (``conftest._tables``): the first from the
 machine of the first recording, a second from an AMD EPYC (AVX-512); a machine that matches
 neither skips these checks. The first table lacks the ``sparsellm`` cases changed since (by
-``correction``, then by the faster capture and init passes, then by the token weights, then by
-the FFN's ridge): they could not be re-recorded on its machine, so there SparseLLM is not
-pinned.
+``correction``, then by the faster capture and init passes, then by the token weights): they
+could not be re-recorded on its machine, so there only ``gemma3/sparsellm-obs/50%`` still pins
+SparseLLM (a general-path block: unweighted).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class SparseLLMOptions(ADMMOptions, SparseGPTOptions):
         choices=("relative", "uniform"),
     )
     ridge: float = setting(
-        1.0,
+        0.0,
         "pull of the FFN's weight fits towards the dense weights: λ = ridge x the mean squared "
         "norm of each layer's input rows, i.e. ridge x in_features / tokens of its Gram's mean "
         "diagonal (0: none, SparseLLM's original objective)",
