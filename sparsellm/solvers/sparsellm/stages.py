@@ -41,7 +41,7 @@ from sparsellm.solvers.sparsellm.state import (
     affine,
     check_finite,
 )
-from sparsellm.solvers.sparsellm.steps import solve_weights
+from sparsellm.solvers.sparsellm.steps import CG_ITERS, solve_weights
 from sparsellm.solvers.sparsellm.weights import (
     WeightProblem,
     damped_inverse,
@@ -178,7 +178,8 @@ def initial_pruning(
         target_sq=dense.scales["target"],
         output_sq=dense.scales["output"] if dense.scales["output"] > 0 else 1.0,
         tokens=dense.tokens,
-        ridge={"up": input_ridge, "gate": input_ridge, "down": down_ridge},
+        input_ridge=input_ridge,
+        down_ridge=down_ridge,
     )
     # z, s are the dense pre-activations, so C = W_dense·H exactly: no pass needed.
     up_cross = problem.dense_up @ gram
@@ -249,7 +250,7 @@ def run_epoch(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: int, l
     previous = log.history[-1]
     previous["output_error"] = terms["output"] / state.output_sq
     if epoch == 1:  # exact down term of the initial state (the init pass may have sampled)
-        down_ridge = state.ridge_term("down", problem.dense_down)
+        down_ridge = state.down_ridge_term(problem.dense_down)
         previous["down"] = state.penalties.beta * (terms["down_before"] + down_ridge)
         previous["total"] = _total(previous)
     _epoch_solves(problem, state, log, epoch, sums, terms)
@@ -359,7 +360,7 @@ def _epoch_solves(
         epoch,
         state.input_gram_inverse,
         memo=problem.input_memo,
-        ridge=state.ridge["up"],
+        ridge=state.input_ridge,
     )
     state.up = steps[0].weight
     gate_term = None
@@ -370,14 +371,9 @@ def _epoch_solves(
     down_sq = c * c * terms["q"]  # residual of the new p is −(γ/β)·q
     if sums.down_gram is not None:
         mirror_upper(sums.down_gram, problem.hidden_blocks)
-        ridge = state.ridge["down"]
-        sums.down_gram.diagonal().add_(ridge)
-        down = WeightProblem("down", problem.dense_down, state.down, sums.down_cross, True)
-        (down_step,) = solve_weights(problem, log, sums.down_gram, [down], epoch, ridge=ridge)
-        state.down = down_step.weight
-        down_sq += down_step.delta
+        down_sq += _solve_down(problem, state, log, sums.down_gram, sums.down_cross, epoch)
     else:  # W2 stays: its ridge term as it is
-        down_sq += state.ridge_term("down", problem.dense_down)
+        down_sq += state.down_ridge_term(problem.dense_down)
     log.history.append(
         _record(
             epoch,
@@ -408,12 +404,27 @@ def final_down_fit(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: i
     check_finite("activation Gram of the pruned up/gate", gram)
     before = quad_value(state.down, gram, cross, state.target_sq)
     log.history[-1]["output_error"] = before / state.output_sq
-    ridge = state.ridge["down"]
-    gram.diagonal().add_(ridge)
+    delta = _solve_down(problem, state, log, gram, cross, epoch, cg_iters=_CG_ITERS_FINAL)
+    after = before + delta - state.down_ridge_term(problem.dense_down)
+    return max(after, 0.0) / state.output_sq
+
+
+def _solve_down(
+    problem: FFNProblem,
+    state: FFNState,
+    log: SolveLog,
+    gram: Tensor,
+    cross: Tensor,
+    epoch: int,
+    cg_iters: int = CG_ITERS,
+) -> float:
+    """W2 re-solved from its (consumed) Grams, with the solve's down ridge added to ``gram`` in
+    place; returns the step's delta (see :func:`.weights.sparse_ls_steps`)."""
+    if state.down_ridge > 0:
+        gram.diagonal().add_(state.down_ridge)
     down = WeightProblem("down", problem.dense_down, state.down, cross, True)
     (step,) = solve_weights(
-        problem, log, gram, [down], epoch, cg_iters=_CG_ITERS_FINAL, ridge=ridge
+        problem, log, gram, [down], epoch, cg_iters=cg_iters, ridge=state.down_ridge
     )
     state.down = step.weight
-    after = before + step.delta - state.ridge_term("down", problem.dense_down)
-    return max(after, 0.0) / state.output_sq
+    return step.delta

@@ -347,16 +347,16 @@ class FFNState:
     target_sq: float  # ‖T‖² = ‖Y − b2‖²
     output_sq: float  # ‖Y‖² (1 when Y = 0): denominator of every output_error
     tokens: int  # over every rank
-    # λ of each weight's ridge (``FFNProblem.ridge``), fixed for the whole solve
-    ridge: dict[str, float] = field(default_factory=dict)
+    # λ of the ridges (``FFNProblem.ridge``), fixed for the whole solve: of the up/gate
+    # steps (the solve Gram's shift) and of the down steps
+    input_ridge: float = 0.0
+    down_ridge: float = 0.0
 
-    def ridge_term(self, name: str, dense: Tensor) -> float:
-        """``λ‖W − W_dense‖²`` of weight ``name`` now (0 without ridge)."""
-        ridge = self.ridge.get(name, 0.0)
-        if ridge <= 0:
+    def down_ridge_term(self, dense_down: Tensor) -> float:
+        """``λ‖W2 − W2_dense‖²`` of the down weight now (0 without ridge)."""
+        if self.down_ridge <= 0:
             return 0.0
-        weight = getattr(self, name)
-        return ridge * float((weight - dense).to(torch.float64).square().sum())
+        return self.down_ridge * float((self.down - dense_down).to(torch.float64).square().sum())
 
 
 @dataclass

@@ -21,8 +21,9 @@ quadratic in ``H + λI`` and ``C + λ W_dense``. The fit then leans towards the 
 directions the calibration tokens barely see. A sparse fit of a [d, f] down projection from
 tens of thousands of tokens is loose: on SmolLM2 blocks 3 / 15 / 25 at 50 % its error on held-out
 windows was 1.2-1.4x the error on the windows fitted; λ = mean ‖a_t‖² (see
-:func:`ridge_strength`) cut the held-out error by 1.3-3.6 % (2:4 and 70 % alike) for a
-calibration error 0.6-3 % higher.
+:func:`ridge_strength`) cut the held-out error by 1.1-3.6 % (50 %, 70 % and 2:4) for a
+calibration error 0.6-3 % higher. On the whole model the effect is mixed (README), so the
+method leaves it off by default.
 """
 
 from __future__ import annotations
