@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,24 +24,33 @@ torch.set_num_threads(1)
 
 # Recorded digests, one table per kind of CPU numerics. BLAS/LAPACK kernels round differently
 # on different CPUs (an AMD EPYC with AVX-512 and the machine the first hashes came from agree
-# on no case that multiplies matrices), so a fixture file holds a list of tables, and the one in
-# use is the table whose canary case has the digest this machine computes for it. With none,
-# the checks skip: nothing was recorded for these numerics. SPARSELLM_RECORD_HASHES=1 records
-# into this machine's table (a new one if there is none).
+# on no case that multiplies matrices; an Intel Xeon with AVX-512 agrees with the EPYC on a
+# LLaMA SparseGPT prune and on no GPT-2 or SparseLLM one), so a fixture file holds a list of
+# tables, and the one in use is the table whose canary cases have the digests this machine
+# computes for them (the first canary always, the others where the table has them: tables
+# recorded before a case changed lack it). With none, the checks skip: nothing was recorded for
+# these numerics. SPARSELLM_RECORD_HASHES=1 records into this machine's table (a new one if
+# there is none).
+Canary = tuple[str, Callable[[], str]]  # a case's key and how to compute its digest
 # Per fixture file: all its tables and this machine's (an element of them, or None).
 _TABLES: dict[Path, tuple[list[dict[str, str]], dict[str, str] | None]] = {}
 
 
-def _tables(path: Path, canary: str, run: Callable[[], str]):
-    """``path``'s tables and this machine's: the one whose ``canary`` entry equals ``run()``
-    (computed once per session); None when none was recorded for these numerics (recording:
-    a new one, added to the file)."""
+def _tables(path: Path, canaries: Sequence[Canary]):
+    """``path``'s tables and this machine's: the one whose ``canaries`` entries equal their
+    digests here (computed once per session); None when none was recorded for these numerics
+    (recording: a new one, added to the file)."""
     if path not in _TABLES:
-        digest = run()
+        digests = {key: run() for key, run in canaries}
+        first = canaries[0][0]
+
+        def ours(table: dict[str, str]) -> bool:
+            return first in table and all(table.get(k, d) == d for k, d in digests.items())
+
         tables = json.loads(path.read_text())["tables"] if path.exists() else []
-        table = next((t for t in tables if t.get(canary) == digest), None)
+        table = next((t for t in tables if ours(t)), None)
         if table is None and os.environ.get("SPARSELLM_RECORD_HASHES"):
-            table = {canary: digest}
+            table = dict(digests)
             tables.append(table)
             _write_tables(path, tables)
         _TABLES[path] = tables, table
@@ -53,28 +62,29 @@ def _write_tables(path: Path, tables: list[dict[str, str]]) -> None:
     path.write_text(json.dumps({"tables": ordered}, indent=1) + "\n")
 
 
-def recorded(path: Path, key: str, canary: tuple[str, Callable[[], str]]) -> str:
+def recorded(path: Path, key: str, canaries: Sequence[Canary]) -> str:
     """The digest recorded for ``key`` on machines of this one's numerics (else skip)."""
-    table = _tables(path, *canary)[1]
+    table = _tables(path, canaries)[1]
     if table is None:
-        pytest.skip(f"no digests in {path.name} for this CPU's rounding (canary {canary[0]})")
+        names = ", ".join(k for k, _ in canaries)
+        pytest.skip(f"no digests in {path.name} for this CPU's rounding (canaries {names})")
     if key not in table:
         pytest.skip(f"{key}: not recorded for this CPU's rounding")
     return table[key]
 
 
 def check_recorded(
-    path: Path, key: str, digest: str, what: str, canary: tuple[str, Callable[[], str]]
+    path: Path, key: str, digest: str, what: str, canaries: Sequence[Canary]
 ) -> None:
     """Compare ``digest`` with the one recorded under ``key`` for this machine's numerics
     (see :func:`_tables`); with ``SPARSELLM_RECORD_HASHES=1`` record it instead (only for
     an intended change of numbers)."""
     if os.environ.get("SPARSELLM_RECORD_HASHES"):
-        tables, table = _tables(path, *canary)
+        tables, table = _tables(path, canaries)
         table[key] = digest
         _write_tables(path, tables)
         return
-    assert recorded(path, key, canary) == digest, f"{key}: {what}"
+    assert recorded(path, key, canaries) == digest, f"{key}: {what}"
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -63,8 +63,16 @@ def test_refinement_reaches_the_least_squares_optimum_on_the_support():
     refined = refine_on_support(W @ H, torch.zeros_like(W), mask, H, steps=200)
     for r in range(8):  # the normal equations of row r restricted to its kept columns
         keep = ~mask[r]
-        exact = torch.linalg.solve(H[keep][:, keep], (W[r] @ H)[keep])
-        torch.testing.assert_close(refined[r, keep], exact, rtol=1e-3, atol=1e-4)
+        H_kept, cross = H[keep][:, keep].double(), (W[r] @ H)[keep].double()
+        exact = torch.linalg.solve(H_kept, cross)
+        found = refined[r, keep].double()
+        # float32 CG on a Gram with condition number ~3000: the objective to float32 accuracy
+        # (its excess over the minimum is eᵀHe, e = found − exact; the minimum is −exactᵀc),
+        # the weights as close as that conditioning allows (kernels that round differently stop
+        # at different points within it: 2e-7 and 8e-4 at most on an AVX-512 Xeon).
+        error = found - exact
+        assert error @ H_kept @ error < 1e-6 * (exact @ cross)
+        assert (found - exact).norm() < 5e-3 * exact.norm()
         assert (refined[r, mask[r]] == 0).all()
 
 

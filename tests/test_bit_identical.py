@@ -4,12 +4,14 @@ The hashes in ``fixtures/pruned_hashes.json`` were recorded on CPU (one thread, 
 runs) from main at 9ce8b3f, before the code was reorganised. A refactor that changes a single
 bit of any pruned tensor, for any method, pattern or FFN path, fails here. Re-record (only for an
 intended change of numbers) with ``SPARSELLM_RECORD_HASHES=1 pytest tests/test_bit_identical.py``.
-The file holds one table per kind of CPU numerics (``conftest._tables``): the first from the
-machine of the first recording, a second from an AMD EPYC (AVX-512); a machine that matches
-neither skips these checks. The first table lacks the ``sparsellm`` cases changed since (by
-``correction``, then by the faster capture and init passes, then by the token weights): they
-could not be re-recorded on its machine, so there only ``gemma3/sparsellm-obs/50%`` still pins
-SparseLLM (a general-path block: unweighted).
+The file holds one table per kind of CPU numerics (``conftest._tables``, told apart by the
+``CANARIES``): the first from the machine of the first recording, a second from an AMD EPYC
+(AVX-512), a third from an Intel Xeon (AVX-512) that rounds like the EPYC on a LLaMA SparseGPT
+prune but not on GPT-2 or SparseLLM; a machine that matches none skips these checks. The first
+table lacks the ``sparsellm`` cases changed since (by ``correction``, then by the faster capture
+and init passes, then by the token weights): they could not be re-recorded on its machine, so
+there only ``gemma3/sparsellm-obs/50%`` still pins SparseLLM (a general-path block:
+unweighted).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from sparsellm import prune_model
 
 HASHES = FIXTURES / "pruned_hashes.json"
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
-CANARY = "llama/sparsegpt/50%"  # tells machines whose kernels round differently apart
+# Cases that tell machines whose kernels round differently apart: a plain prune, GPT-2's
+# Conv1D layers and SparseLLM's joint solve (eigh, Cholesky, elementwise steps).
+CANARIES = ("llama/sparsegpt/50%", "gpt2/sparsegpt/50%", "llama/sparsellm/50%")
 
 
 def _sandwich(kind: str):
@@ -97,5 +101,5 @@ def _prune(family: str, method: str, target: str, calibration_ids: torch.Tensor)
 def test_pruned_weights_are_bit_identical(family, method, target, calibration_ids):
     key = f"{family}/{method}/{target}"
     digest = _prune(family, method, target, calibration_ids)
-    canary = (CANARY, lambda: _prune(*CANARY.split("/"), calibration_ids))
-    check_recorded(HASHES, key, digest, "pruned weights changed", canary)
+    canaries = [(k, lambda k=k: _prune(*k.split("/"), calibration_ids)) for k in CANARIES]
+    check_recorded(HASHES, key, digest, "pruned weights changed", canaries)

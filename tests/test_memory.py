@@ -166,11 +166,17 @@ def test_chunked_solver_matches_one_chunk():
     target = SparsityTarget.parse(sparsity=0.5)
     whole = solve(problem, act, target, epochs=2, chunk_size=512)
     chunked = solve(problem, act, target, epochs=2, chunk_size=48)
+    # The same problem summed in another order: every epoch's objective and output error agree
+    # to float32 rounding (a chunk dropped moves them by 1.6-3.6 %) ...
+    for a, b in zip(whole.history, chunked.history, strict=True):
+        assert b["total"] == pytest.approx(a["total"], rel=1e-3)
+        assert b["output_error"] == pytest.approx(a["output_error"], rel=1e-3)
+    # ... while a support choice between near-tied weights may fall the other way (2 of the 512
+    # down weights on an AVX-512 Xeon, which moves the refitted down weight by ~6 %).
     for name in ("up", "gate", "down"):
         a, b = getattr(whole, name), getattr(chunked, name)
-        assert torch.equal(a == 0, b == 0), name
-        assert float((a - b).norm()) <= 1e-2 * float(a.norm()), name
-    assert chunked.output_error == pytest.approx(whole.output_error, rel=1e-3)
+        assert int(((a == 0) != (b == 0)).sum()) <= 0.01 * a.numel(), name
+    assert chunked.output_error == pytest.approx(whole.output_error, rel=3e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
