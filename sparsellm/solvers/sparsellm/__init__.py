@@ -17,6 +17,7 @@ part lives:
 * :mod:`.solve`: :func:`sparsellm_ffn`, the entry point: checks, builds, runs the stages.
 * :mod:`.stages`: the schedule (init pass, initial pruning, epochs, final down fit).
 * :mod:`.state`: the problem, the penalties and their automatic scaling, the iterate, the log.
+* :mod:`.steps`: each weight step solved here or by one rank; the up/gate and down problems.
 * :mod:`.weights`: the weight step (anchored LS, OBS, masked CG, the safeguard).
 * :mod:`.auxiliaries`: the p, z and s steps.
 * :mod:`.activations`: activations with their first and second derivatives.

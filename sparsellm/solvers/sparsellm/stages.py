@@ -41,7 +41,7 @@ from sparsellm.solvers.sparsellm.state import (
     affine,
     check_finite,
 )
-from sparsellm.solvers.sparsellm.steps import CG_ITERS, solve_weights
+from sparsellm.solvers.sparsellm.steps import input_problems, solve_down, solve_weights
 from sparsellm.solvers.sparsellm.weights import (
     WeightProblem,
     damped_inverse,
@@ -184,47 +184,34 @@ def initial_pruning(
     # z, s are the dense pre-activations, so C = W_dense·H exactly: no pass needed.
     up_cross = problem.dense_up @ gram
     gate_cross = problem.dense_gate @ gram if problem.gated else None
-    inputs = _input_weights(problem, state, up_cross, gate_cross, feasible=False)
+    inputs = input_problems(problem, state, up_cross, gate_cross, feasible=False)
     steps = solve_weights(
         problem, log, solve_gram, inputs, 0, inverse, memo=problem.input_memo, ridge=input_ridge
     )
     state.up = steps[0].weight
     state.gate = steps[1].weight if problem.gated else None
-    # ‖a₀W2ᵀ − T‖² (0 when Y is the dense output); with a token sample this is an estimate,
-    # replaced by the exact figure during the first epoch's pass. This down solve only
-    # steers the first p-update: no ridge (its Gram is a sample's).
+    # ‖a₀W2ᵀ − T‖² (0 when Y is the dense output) on the token sample, before the down step
+    # and with its delta, scaled to all tokens: an estimate, replaced by the exact figure in
+    # the first epoch's pass. This down solve only steers the first p-update: no ridge (its
+    # Gram is a sample's).
     sample_sq = dense.scales["target_sample"]
     dense_down = quad_value(problem.dense_down, dense.down_gram, dense.down_cross, sample_sq)
-    dense_down *= dense.stride
     down = WeightProblem("down", problem.dense_down, problem.dense_down, dense.down_cross, False)
     (down_step,) = solve_weights(
         problem, log, dense.down_gram, [down], 0, cg_iters=_CG_ITERS_INIT_DOWN, solver=_INIT_DOWN
     )
     state.down = down_step.weight
+    new_down = (dense_down + down_step.delta) * dense.stride
     log.history.append(
         _record(
             0,
             up=penalties.alpha_up * max(steps[0].delta, 0.0),
             gate=penalties.alpha_gate * max(steps[1].delta, 0.0) if problem.gated else None,
             act=0.0,
-            down=penalties.beta * max(dense_down + down_step.delta, 0.0),
+            down=penalties.beta * max(new_down, 0.0),
         )
     )
     return state
-
-
-def _input_weights(
-    problem: FFNProblem,
-    state: FFNState,
-    up_cross: Tensor,
-    gate_cross: Tensor | None,
-    feasible: bool,
-) -> list[WeightProblem]:
-    """The up (and gate) problems, which share ``H = XᵀX``."""
-    out = [WeightProblem("up", problem.dense_up, state.up, up_cross, feasible)]
-    if problem.gated:
-        out.append(WeightProblem("gate", problem.dense_gate, state.gate, gate_cross, feasible))
-    return out
 
 
 # --------------------------------------------------------------------------- epochs
@@ -351,7 +338,7 @@ def _epoch_solves(
         sums.up_cross.addr_(problem.up_bias, state.input_sum, alpha=-1.0)
     if problem.gated and problem.gate_bias is not None:
         sums.gate_cross.addr_(problem.gate_bias, state.input_sum, alpha=-1.0)
-    inputs = _input_weights(problem, state, sums.up_cross, sums.gate_cross, feasible=True)
+    inputs = input_problems(problem, state, sums.up_cross, sums.gate_cross, feasible=True)
     steps = solve_weights(
         problem,
         log,
@@ -371,7 +358,7 @@ def _epoch_solves(
     down_sq = c * c * terms["q"]  # residual of the new p is −(γ/β)·q
     if sums.down_gram is not None:
         mirror_upper(sums.down_gram, problem.hidden_blocks)
-        down_sq += _solve_down(problem, state, log, sums.down_gram, sums.down_cross, epoch)
+        down_sq += solve_down(problem, state, log, sums.down_gram, sums.down_cross, epoch)
     else:  # W2 stays: its ridge term as it is
         down_sq += state.down_ridge_term(problem.dense_down)
     log.history.append(
@@ -404,27 +391,6 @@ def final_down_fit(problem: FFNProblem, state: FFNState, log: SolveLog, epoch: i
     check_finite("activation Gram of the pruned up/gate", gram)
     before = quad_value(state.down, gram, cross, state.target_sq)
     log.history[-1]["output_error"] = before / state.output_sq
-    delta = _solve_down(problem, state, log, gram, cross, epoch, cg_iters=_CG_ITERS_FINAL)
+    delta = solve_down(problem, state, log, gram, cross, epoch, cg_iters=_CG_ITERS_FINAL)
     after = before + delta - state.down_ridge_term(problem.dense_down)
     return max(after, 0.0) / state.output_sq
-
-
-def _solve_down(
-    problem: FFNProblem,
-    state: FFNState,
-    log: SolveLog,
-    gram: Tensor,
-    cross: Tensor,
-    epoch: int,
-    cg_iters: int = CG_ITERS,
-) -> float:
-    """W2 re-solved from its (consumed) Grams, with the solve's down ridge added to ``gram`` in
-    place; returns the step's delta (see :func:`.weights.sparse_ls_steps`)."""
-    if state.down_ridge > 0:
-        gram.diagonal().add_(state.down_ridge)
-    down = WeightProblem("down", problem.dense_down, state.down, cross, True)
-    (step,) = solve_weights(
-        problem, log, gram, [down], epoch, cg_iters=cg_iters, ridge=state.down_ridge
-    )
-    state.down = step.weight
-    return step.delta

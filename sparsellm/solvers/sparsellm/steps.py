@@ -1,5 +1,6 @@
 """The weight steps of a SparseLLM solve: each sparse least-squares problem solved here, or,
-across ranks, by one rank and broadcast to the others."""
+across ranks, by one rank and broadcast to the others; the up/gate problems on ``H = XᵀX`` and
+the down re-solve that the stages build them from."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch import Tensor
 
 from sparsellm.solvers.base import NumericalError
-from sparsellm.solvers.sparsellm.state import FFNProblem, SolveLog, check_finite
+from sparsellm.solvers.sparsellm.state import FFNProblem, FFNState, SolveLog, check_finite
 from sparsellm.solvers.sparsellm.weights import (
     SupportSolver,
     WeightProblem,
@@ -49,6 +50,41 @@ def solve_weights(
         log.info["choices"].append((epoch, wp.name, step.choice))
         log.info["damping_retries"] += step.retries
     return steps
+
+
+def input_problems(
+    problem: FFNProblem,
+    state: FFNState,
+    up_cross: Tensor,
+    gate_cross: Tensor | None,
+    feasible: bool,
+) -> list[WeightProblem]:
+    """The up (and gate) problems, which share ``H = XᵀX``."""
+    out = [WeightProblem("up", problem.dense_up, state.up, up_cross, feasible)]
+    if problem.gated:
+        out.append(WeightProblem("gate", problem.dense_gate, state.gate, gate_cross, feasible))
+    return out
+
+
+def solve_down(
+    problem: FFNProblem,
+    state: FFNState,
+    log: SolveLog,
+    gram: Tensor,
+    cross: Tensor,
+    epoch: int,
+    cg_iters: int = CG_ITERS,
+) -> float:
+    """W2 re-solved from its (consumed) Grams, with the solve's down ridge added to ``gram`` in
+    place; returns the step's delta (see :func:`.weights.sparse_ls_steps`)."""
+    if state.down_ridge > 0:
+        gram.diagonal().add_(state.down_ridge)
+    down = WeightProblem("down", problem.dense_down, state.down, cross, True)
+    (step,) = solve_weights(
+        problem, log, gram, [down], epoch, cg_iters=cg_iters, ridge=state.down_ridge
+    )
+    state.down = step.weight
+    return step.delta
 
 
 def _local_steps(
