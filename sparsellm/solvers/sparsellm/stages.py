@@ -201,14 +201,13 @@ def initial_pruning(
         problem, log, dense.down_gram, [down], 0, cg_iters=_CG_ITERS_INIT_DOWN, solver=_INIT_DOWN
     )
     state.down = down_step.weight
-    new_down = (dense_down + down_step.delta) * dense.stride
     log.history.append(
         _record(
             0,
             up=penalties.alpha_up * max(steps[0].delta, 0.0),
             gate=penalties.alpha_gate * max(steps[1].delta, 0.0) if problem.gated else None,
             act=0.0,
-            down=penalties.beta * max(new_down, 0.0),
+            down=penalties.beta * max((dense_down + down_step.delta) * dense.stride, 0.0),
         )
     )
     return state
