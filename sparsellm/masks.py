@@ -75,7 +75,7 @@ def prune_counts(sizes: list[int] | torch.Tensor, sparsity: float) -> torch.Tens
 
 # Below this many entries a plain kthvalue is as fast as the band search.
 _BAND_MIN = 1 << 16
-_BAND_SAMPLE = 1 << 14  # entries of the strided sample that brackets the k-th value
+_BAND_SAMPLE = 1 << 14  # entries of the random sample that brackets the k-th value
 _BAND_WIDTH = 0.01  # the bracket: the sample's quantiles at count/n ± this
 
 
@@ -84,14 +84,30 @@ def kth_smallest(flat: torch.Tensor, count: int) -> torch.Tensor:
     ``flat.kthvalue(count).values``.
 
     ``kthvalue`` is one thread over the whole tensor (14 ms for 0.9 M entries, half of an ADMM
-    iteration). Here a strided sample brackets the value, the entries inside the bracket (~2 %)
-    are selected in parallel passes, and ``kthvalue`` runs on those alone; if the bracket
-    misses (a sample that does not represent the tensor), the whole tensor is searched.
+    iteration). Here a sample brackets the value, the entries inside the bracket (~2 %) are
+    selected in parallel passes, and ``kthvalue`` runs on those alone (:func:`band_kth`); if
+    the bracket misses, the whole tensor is searched.
     """
-    n = flat.numel()
-    if n < _BAND_MIN or flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+    if (
+        flat.numel() < _BAND_MIN
+        or flat.is_floating_point()
+        and not bool(torch.isfinite(flat).all())
+    ):
         return flat.kthvalue(count).values
-    sample = flat[:: n // _BAND_SAMPLE]
+    found = band_kth(flat, count)
+    return flat.kthvalue(count).values if found is None else found
+
+
+def band_kth(flat: torch.Tensor, count: int) -> torch.Tensor | None:
+    """The ``count``-th smallest entry of ``flat`` found among the entries between two
+    quantiles of a sample, or None when that bracket does not hold it."""
+    n = flat.numel()
+    # Random positions (seeded: the same every call): a strided sample aliases with the row
+    # length of a flattened matrix (stride 54 over a [1536, 576] weight visits 32 of its
+    # columns) and its bracket missed three ADMM projections in four, whose columns differ
+    # in scale.
+    positions = torch.randint(n, (_BAND_SAMPLE,), generator=torch.Generator().manual_seed(n))
+    sample = flat[positions.to(flat.device)]
     size, share = sample.numel(), count / n
     low = sample.kthvalue(max(1, int((share - _BAND_WIDTH) * size))).values
     high = sample.kthvalue(min(size, int((share + _BAND_WIDTH) * size) + 1)).values
@@ -99,7 +115,7 @@ def kth_smallest(flat: torch.Tensor, count: int) -> torch.Tensor:
     band = flat[(flat >= low) & (flat <= high)]
     if below < count <= below + band.numel():
         return band.kthvalue(count - below).values
-    return flat.kthvalue(count).values
+    return None
 
 
 def smallest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ import torch
 
 from sparsellm.masks import (
     SparsityTarget,
+    band_kth,
     is_valid_nm,
     kth_smallest,
     nm_mask,
@@ -86,17 +87,38 @@ def test_target_fraction():
 @pytest.mark.parametrize("kind", ["normal", "ties", "misleading-sample", "nan"])
 @pytest.mark.parametrize("share", [1e-5, 0.3, 0.7, 0.999])
 def test_kth_smallest_equals_kthvalue(kind, share):
-    """The bracketed search returns exactly what ``kthvalue`` does, also where the strided
-    sample misrepresents the tensor (the fallback) or the tensor holds NaN."""
+    """The bracketed search returns exactly what ``kthvalue`` does, also where the sample
+    misrepresents the tensor (the fallback) or the tensor holds NaN."""
     g = torch.Generator().manual_seed(3)
     n = 300_007
     flat = torch.randn(n, generator=g)
     if kind == "ties":
         flat = torch.randint(0, 7, (n,), generator=g).float()
     elif kind == "misleading-sample":
-        flat[:: n // (1 << 14)] = 100.0  # every sampled entry is the largest value
+        sampled = torch.randint(n, (1 << 14,), generator=torch.Generator().manual_seed(n))
+        flat[sampled] = 100.0  # every sampled entry is the largest value
+        if share < 0.9:  # the k-th value lies below the sample's: the bracket misses
+            assert band_kth(flat, count_of(share, n)) is None
     elif kind == "nan":
         flat[::1000] = float("nan")
-    count = max(1, int(share * n))
+    count = count_of(share, n)
     expected = flat.kthvalue(count).values
     torch.testing.assert_close(kth_smallest(flat, count), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def count_of(share: float, n: int) -> int:
+    return max(1, int(share * n))
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.7, 0.9])
+def test_band_brackets_a_matrix_whose_columns_differ_in_scale(share):
+    """A flattened [1536, 576] weight with column scales over four decades (ADMM's iterates
+    in the scaled space look like this): the sample must bracket the k-th value, not fall
+    back to the whole tensor (a strided sample saw 32 of the 576 columns and missed)."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(1536, 576, generator=g).abs() * torch.logspace(-2, 2, 576)
+    flat = weight.reshape(-1)
+    count = count_of(share, flat.numel())
+    found = band_kth(flat, count)
+    assert found is not None
+    assert found == flat.kthvalue(count).values

@@ -1,0 +1,143 @@
+"""One SparseLLM FFN solve of one block, timed by stage: profile a block in a minute instead
+of a whole prune.
+
+Usage: python bench/profile_block.py [--block 15] [--sparsity 0.7 | --pattern 2:4]
+       [--model PATH.gguf|DIR] [--shared ../shared] [--cprofile 15]
+
+The block's FFN input, dense FFN output and block output are captured from the *dense* model
+on the benchmark's calibration windows (``calib.pt``), then ``sparsellm_ffn`` runs with the
+pruner's defaults (ADMM supports, one epoch, each token weighted ``1 / ‖B_t‖²``). Printed:
+seconds per stage of the solve, each ADMM loop's shape, iterations and seconds, the output
+error, and with ``--cprofile N`` the N functions with the most time of their own. The FFN's
+wiring is the adapter's claim, not checked here (the pruner checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import functools
+import pstats
+import time
+from pathlib import Path
+
+import torch
+from run_one import bundled_gguf
+
+import sparsellm.solvers.admm as admm_module
+from sparsellm.loading import load_model_and_tokenizer
+from sparsellm.masks import SparsityTarget
+from sparsellm.models import get_adapter, linear_weight
+from sparsellm.solvers.sparsellm import sparsellm_ffn
+
+
+def capture(model: torch.nn.Module, index: int, windows: torch.Tensor) -> dict:
+    """Block ``index``'s FFN input X, FFN output Y and block output B, as [tokens, d] rows."""
+    adapter = get_adapter(model)
+    block = adapter.blocks()[index]
+    ffn = adapter.feed_forward(block)
+    if ffn is None:
+        raise SystemExit(f"block {index} has no feed-forward the adapter recognises")
+    rows: dict[str, list[torch.Tensor]] = {"X": [], "Y": [], "B": []}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        rows[name].append(tensor.detach().reshape(-1, tensor.shape[-1]).float())
+
+    class Stop(Exception):
+        pass
+
+    def stop(module, inputs, output):
+        keep("B", output[0] if isinstance(output, tuple) else output)
+        raise Stop
+
+    hooks = [
+        block.get_submodule(ffn.up).register_forward_hook(lambda m, i, o: keep("X", i[0])),
+        block.get_submodule(ffn.down).register_forward_hook(lambda m, i, o: keep("Y", o)),
+        block.register_forward_hook(stop),
+    ]
+    with torch.no_grad():
+        for batch in windows.split(8):
+            with contextlib.suppress(Stop):
+                model(batch)
+    for hook in hooks:
+        hook.remove()
+    data = {name: torch.cat(parts) for name, parts in rows.items()}
+    weights = {n: linear_weight(block.get_submodule(n)).detach().float() for n in ffn.names}
+    if ffn.fused_gate_up:
+        data["gate"], data["up"] = ffn.split_fused(weights[ffn.up])
+    else:
+        data["up"], data["gate"] = weights[ffn.up], weights.get(ffn.gate)
+    data["down"], data["activation"] = weights[ffn.down], ffn.activation
+    data["biases"] = {
+        name: getattr(block.get_submodule(n), "bias", None)
+        for name, n in (("up_bias", ffn.up), ("down_bias", ffn.down))
+    }
+    return data
+
+
+def time_admm_loops() -> list[tuple[tuple[int, int], int, float]]:
+    """Wrap ADMM's loop: (shape, iterations, seconds) of each call, appended as they run."""
+    calls = []
+    inner = admm_module.sparse_least_squares
+
+    @functools.wraps(inner)
+    def timed(cross, start, *args, **kwargs):
+        began = time.perf_counter()
+        solution = inner(cross, start, *args, **kwargs)
+        calls.append((tuple(start.shape), solution.iterations, time.perf_counter() - began))
+        return solution
+
+    admm_module.sparse_least_squares = timed
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--block", type=int, default=15)
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--pattern", help="N:M instead of --sparsity, e.g. 2:4")
+    parser.add_argument("--model", help="GGUF file or model directory (default: the bundled one)")
+    parser.add_argument("--shared", default="../shared")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N")
+    args = parser.parse_args()
+
+    target = SparsityTarget.parse(None if args.pattern else args.sparsity, args.pattern)
+    model, _ = load_model_and_tokenizer(args.model or bundled_gguf(), "float32")
+    windows = torch.load(Path(args.shared) / "bench" / "calib.pt")
+    data = capture(model, args.block, windows)
+    del model
+    squares = data["B"].square().sum(1).double()  # the pruner's rule, B* = B (dense inputs)
+    weights = 1.0 / squares.clamp_min(float(squares.median()) * 1e-2)
+    weights = (weights / weights.mean()).float()
+    bias = data["biases"]
+    loops = time_admm_loops()
+    solve = functools.partial(
+        sparsellm_ffn,
+        data["X"],
+        data["Y"],
+        data["up"],
+        None if bias["up_bias"] is None else bias["up_bias"].detach().float(),
+        data["down"],
+        None if bias["down_bias"] is None else bias["down_bias"].detach().float(),
+        target,
+        gate=data["gate"],
+        activation=data["activation"],
+        weight_solver="admm",
+        token_weights=weights,
+    )
+    profile = cProfile.Profile() if args.cprofile else None
+    began = time.perf_counter()
+    result = profile.runcall(solve) if profile is not None else solve()
+    seconds = time.perf_counter() - began
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in result.info["seconds"].items())
+    print(f"block {args.block}, {target}, {data['X'].shape[0]} tokens: {seconds:.2f} s ({stages})")
+    for shape, iterations, spent in loops:
+        print(f"  ADMM loop {shape[0]}x{shape[1]}: {iterations} iterations, {spent:.2f} s")
+    print(f"  FFN output error (relative, token-weighted): {result.output_error:.5f}")
+    if profile is not None:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.cprofile)
+
+
+if __name__ == "__main__":
+    main()
