@@ -29,6 +29,7 @@ import sparsellm.solvers.admm as admm_module
 from sparsellm.loading import load_model_and_tokenizer
 from sparsellm.masks import SparsityTarget
 from sparsellm.models import get_adapter, linear_weight
+from sparsellm.pruners.ffn_data import Goal, token_weights
 from sparsellm.solvers.sparsellm import sparsellm_ffn
 
 
@@ -63,16 +64,22 @@ def capture(model: torch.nn.Module, index: int, windows: torch.Tensor) -> dict:
     for hook in hooks:
         hook.remove()
     data = {name: torch.cat(parts) for name, parts in rows.items()}
-    weights = {n: linear_weight(block.get_submodule(n)).detach().float() for n in ffn.names}
+
+    def parameters(name: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if name is None:
+            return None, None
+        module = block.get_submodule(name)
+        weight, bias = linear_weight(module).detach().float(), getattr(module, "bias", None)
+        return weight, None if bias is None else bias.detach().float()
+
+    (up, up_bias), (gate, gate_bias) = parameters(ffn.up), parameters(ffn.gate)
     if ffn.fused_gate_up:
-        data["gate"], data["up"] = ffn.split_fused(weights[ffn.up])
-    else:
-        data["up"], data["gate"] = weights[ffn.up], weights.get(ffn.gate)
-    data["down"], data["activation"] = weights[ffn.down], ffn.activation
-    data["biases"] = {
-        name: getattr(block.get_submodule(n), "bias", None)
-        for name, n in (("up_bias", ffn.up), ("down_bias", ffn.down))
-    }
+        gate, up = ffn.split_fused(up)
+        if up_bias is not None:
+            gate_bias, up_bias = ffn.split_fused(up_bias)
+    down, down_bias = parameters(ffn.down)
+    data.update(up=up, up_bias=up_bias, gate=gate, gate_bias=gate_bias, down=down)
+    data.update(down_bias=down_bias, activation=ffn.activation)
     return data
 
 
@@ -107,21 +114,19 @@ def main() -> None:
     windows = torch.load(Path(args.shared) / "bench" / "calib.pt")
     data = capture(model, args.block, windows)
     del model
-    squares = data["B"].square().sum(1).double()  # the pruner's rule, B* = B (dense inputs)
-    weights = 1.0 / squares.clamp_min(float(squares.median()) * 1e-2)
-    weights = (weights / weights.mean()).float()
-    bias = data["biases"]
+    weights = token_weights(Goal([data["B"]], None, 0.0))  # the pruner's rule; B* = B here
     loops = time_admm_loops()
     solve = functools.partial(
         sparsellm_ffn,
         data["X"],
         data["Y"],
         data["up"],
-        None if bias["up_bias"] is None else bias["up_bias"].detach().float(),
+        data["up_bias"],
         data["down"],
-        None if bias["down_bias"] is None else bias["down_bias"].detach().float(),
+        data["down_bias"],
         target,
         gate=data["gate"],
+        gate_bias=data["gate_bias"],
         activation=data["activation"],
         weight_solver="admm",
         token_weights=weights,

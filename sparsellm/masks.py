@@ -7,6 +7,7 @@ tied magnitudes, and a threshold would overshoot the target. Ties go to the lowe
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -88,26 +89,29 @@ def kth_smallest(flat: torch.Tensor, count: int) -> torch.Tensor:
     selected in parallel passes, and ``kthvalue`` runs on those alone (:func:`band_kth`); if
     the bracket misses, the whole tensor is searched.
     """
-    if (
-        flat.numel() < _BAND_MIN
-        or flat.is_floating_point()
-        and not bool(torch.isfinite(flat).all())
-    ):
+    n = flat.numel()
+    if n < _BAND_MIN or flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
         return flat.kthvalue(count).values
     found = band_kth(flat, count)
     return flat.kthvalue(count).values if found is None else found
+
+
+@functools.lru_cache(maxsize=16)
+def sample_positions(n: int) -> torch.Tensor:
+    """The positions :func:`band_kth` samples in a tensor of ``n`` entries: random, seeded by
+    ``n``, so every call on that size draws the same ones (an ADMM loop asks each iteration).
+
+    Not strided: a strided sample aliases with the row length of a flattened matrix (stride
+    54 over a [1536, 576] weight visits 32 of its columns), and where columns differ in scale
+    its bracket missed three ADMM projections in four."""
+    return torch.randint(n, (_BAND_SAMPLE,), generator=torch.Generator().manual_seed(n))
 
 
 def band_kth(flat: torch.Tensor, count: int) -> torch.Tensor | None:
     """The ``count``-th smallest entry of ``flat`` found among the entries between two
     quantiles of a sample, or None when that bracket does not hold it."""
     n = flat.numel()
-    # Random positions (seeded: the same every call): a strided sample aliases with the row
-    # length of a flattened matrix (stride 54 over a [1536, 576] weight visits 32 of its
-    # columns) and its bracket missed three ADMM projections in four, whose columns differ
-    # in scale.
-    positions = torch.randint(n, (_BAND_SAMPLE,), generator=torch.Generator().manual_seed(n))
-    sample = flat[positions.to(flat.device)]
+    sample = flat[sample_positions(n).to(flat.device)]
     size, share = sample.numel(), count / n
     low = sample.kthvalue(max(1, int((share - _BAND_WIDTH) * size))).values
     high = sample.kthvalue(min(size, int((share + _BAND_WIDTH) * size) + 1)).values
