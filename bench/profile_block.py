@@ -2,7 +2,8 @@
 of a whole prune.
 
 Usage: python bench/profile_block.py [--block 15] [--sparsity 0.7 | --pattern 2:4]
-       [--model PATH.gguf|DIR] [--shared ../shared] [--cprofile 15]
+       [--model PATH.gguf|DIR] [--shared ../shared] [--cprofile 15] [--holdout 16]
+       [--set ridge=1 --set epochs=2 ...]
 
 The block's FFN input, dense FFN output and block output are captured from the *dense* model
 on the benchmark's calibration windows (``calib.pt``), then ``sparsellm_ffn`` runs with the
@@ -10,11 +11,17 @@ pruner's defaults (ADMM supports, one epoch, each token weighted ``1 / ‖B_t‖
 seconds per stage of the solve, each ADMM loop's shape, iterations and seconds, the output
 error, and with ``--cprofile N`` the N functions with the most time of their own. The FFN's
 wiring is the adapter's claim, not checked here (the pruner checks it).
+
+``--holdout W`` fits on all but the last W calibration windows and also prints the error on
+those W (same token weights): how much of the fit is overfitting to the calibration tokens,
+the question a regulariser has to answer. ``--set KEY=VALUE`` passes a keyword of
+``sparsellm_ffn`` (``ridge``, ``epochs``, ``dampening``, ``admm_iterations``, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import cProfile
 import functools
@@ -29,8 +36,10 @@ import sparsellm.solvers.admm as admm_module
 from sparsellm.loading import load_model_and_tokenizer
 from sparsellm.masks import SparsityTarget
 from sparsellm.models import get_adapter, linear_weight
+from sparsellm.models.feed_forward import ffn_hidden
 from sparsellm.pruners.ffn_data import Goal, token_weights
 from sparsellm.solvers.sparsellm import sparsellm_ffn
+from sparsellm.solvers.sparsellm.activations import resolve_activation
 
 
 def capture(model: torch.nn.Module, index: int, windows: torch.Tensor) -> dict:
@@ -99,6 +108,20 @@ def time_admm_loops() -> list[tuple[tuple[int, int], int, float]]:
     return calls
 
 
+def heldout_error(data: dict, result, rows: slice, weights: torch.Tensor) -> float:
+    """The solved FFN's token-weighted relative output error on tokens ``rows``."""
+    X, Y, w = data["X"][rows], data["Y"][rows], weights[rows]
+
+    def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        return inputs @ weight.T if bias is None else torch.addmm(bias, inputs, weight.T)
+
+    gate = None if result.gate is None else linear(X, result.gate, data["gate_bias"])
+    act = resolve_activation(data["activation"]).fn
+    hidden = ffn_hidden(act, gate, linear(X, result.up, data["up_bias"]))
+    error = linear(hidden, result.down, data["down_bias"]) - Y
+    return float((error.square().sum(1) * w).sum() / (Y.square().sum(1) * w).sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--block", type=int, default=15)
@@ -107,19 +130,28 @@ def main() -> None:
     parser.add_argument("--model", help="GGUF file or model directory (default: the bundled one)")
     parser.add_argument("--shared", default="../shared")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N")
+    parser.add_argument("--holdout", type=int, default=0, metavar="W", help="windows held out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    try:
+        options = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.set)}
+    except (ValueError, SyntaxError):
+        parser.error(f"--set takes KEY=VALUE with a Python literal value, got {args.set}")
 
     target = SparsityTarget.parse(None if args.pattern else args.sparsity, args.pattern)
-    model, _ = load_model_and_tokenizer(args.model or bundled_gguf(), "float32")
     windows = torch.load(Path(args.shared) / "bench" / "calib.pt")
+    if not 0 <= args.holdout < windows.shape[0]:
+        parser.error(f"--holdout must be in [0, {windows.shape[0]}), got {args.holdout}")
+    model, _ = load_model_and_tokenizer(args.model or bundled_gguf(), "float32")
     data = capture(model, args.block, windows)
     del model
     weights = token_weights(Goal([data["B"]], None, 0.0))  # the pruner's rule; B* = B here
+    fit = slice(0, (windows.shape[0] - args.holdout) * windows.shape[1])
     loops = time_admm_loops()
     solve = functools.partial(
         sparsellm_ffn,
-        data["X"],
-        data["Y"],
+        data["X"][fit],
+        data["Y"][fit],
         data["up"],
         data["up_bias"],
         data["down"],
@@ -129,17 +161,22 @@ def main() -> None:
         gate_bias=data["gate_bias"],
         activation=data["activation"],
         weight_solver="admm",
-        token_weights=weights,
+        token_weights=weights[fit],
+        **options,
     )
     profile = cProfile.Profile() if args.cprofile else None
     began = time.perf_counter()
     result = profile.runcall(solve) if profile is not None else solve()
     seconds = time.perf_counter() - began
     stages = ", ".join(f"{k} {v:.2f}" for k, v in result.info["seconds"].items())
-    print(f"block {args.block}, {target}, {data['X'].shape[0]} tokens: {seconds:.2f} s ({stages})")
+    tokens = fit.stop
+    print(f"block {args.block}, {target}, {tokens} tokens {options}: {seconds:.2f} s ({stages})")
     for shape, iterations, spent in loops:
         print(f"  ADMM loop {shape[0]}x{shape[1]}: {iterations} iterations, {spent:.2f} s")
     print(f"  FFN output error (relative, token-weighted): {result.output_error:.5f}")
+    if args.holdout:
+        held = heldout_error(data, result, slice(fit.stop, None), weights)
+        print(f"  on the {args.holdout} held-out windows: {held:.5f}")
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.cprofile)
 
