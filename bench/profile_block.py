@@ -39,7 +39,7 @@ from sparsellm.models import get_adapter, linear_weight
 from sparsellm.models.feed_forward import ffn_hidden
 from sparsellm.pruners.ffn_data import Goal, token_weights
 from sparsellm.solvers.sparsellm import sparsellm_ffn
-from sparsellm.solvers.sparsellm.activations import resolve_activation
+from sparsellm.solvers.sparsellm.state import affine
 
 
 def capture(model: torch.nn.Module, index: int, windows: torch.Tensor) -> dict:
@@ -111,14 +111,9 @@ def time_admm_loops() -> list[tuple[tuple[int, int], int, float]]:
 def heldout_error(data: dict, result, rows: slice, weights: torch.Tensor) -> float:
     """The solved FFN's token-weighted relative output error on tokens ``rows``."""
     X, Y, w = data["X"][rows], data["Y"][rows], weights[rows]
-
-    def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        return inputs @ weight.T if bias is None else torch.addmm(bias, inputs, weight.T)
-
-    gate = None if result.gate is None else linear(X, result.gate, data["gate_bias"])
-    act = resolve_activation(data["activation"]).fn
-    hidden = ffn_hidden(act, gate, linear(X, result.up, data["up_bias"]))
-    error = linear(hidden, result.down, data["down_bias"]) - Y
+    gate = None if result.gate is None else affine(X, result.gate, data["gate_bias"])
+    hidden = ffn_hidden(data["activation"], gate, affine(X, result.up, data["up_bias"]))
+    error = affine(hidden, result.down, data["down_bias"]) - Y
     return float((error.square().sum(1) * w).sum() / (Y.square().sum(1) * w).sum())
 
 
@@ -169,8 +164,7 @@ def main() -> None:
     result = profile.runcall(solve) if profile is not None else solve()
     seconds = time.perf_counter() - began
     stages = ", ".join(f"{k} {v:.2f}" for k, v in result.info["seconds"].items())
-    tokens = fit.stop
-    print(f"block {args.block}, {target}, {tokens} tokens {options}: {seconds:.2f} s ({stages})")
+    print(f"block {args.block}, {target}, {fit.stop} tokens {options}: {seconds:.2f} s ({stages})")
     for shape, iterations, spent in loops:
         print(f"  ADMM loop {shape[0]}x{shape[1]}: {iterations} iterations, {spent:.2f} s")
     print(f"  FFN output error (relative, token-weighted): {result.output_error:.5f}")
