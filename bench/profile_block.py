@@ -2,19 +2,22 @@
 of a whole prune.
 
 Usage: python bench/profile_block.py [--block 15] [--sparsity 0.7 | --pattern 2:4]
-       [--model PATH.gguf|DIR] [--shared ../shared] [--cprofile 15] [--holdout 16]
+       [--model PATH.gguf|DIR] [--shared ../shared] [--calibration WINDOWS.pt] [--cprofile 15]
+       [--holdout 16 [--fit 32]]
        [--set ridge=1 --set epochs=2 ...]
 
 The block's FFN input, dense FFN output and block output are captured from the *dense* model
-on the benchmark's calibration windows (``calib.pt``), then ``sparsellm_ffn`` runs with the
-pruner's defaults (ADMM supports, one epoch, each token weighted ``1 / ‖B_t‖²``). Printed:
+on the benchmark's calibration windows (``calib.pt``, or ``--calibration``'s), then
+``sparsellm_ffn`` runs with the pruner's defaults (ADMM supports, one epoch, each token weighted
+``1 / ‖B_t‖²``). Printed:
 seconds per stage of the solve, each ADMM loop's shape, iterations and seconds, the output
 error, and with ``--cprofile N`` the N functions with the most time of their own. The FFN's
 wiring is the adapter's claim, not checked here (the pruner checks it).
 
 ``--holdout W`` fits on all but the last W calibration windows and also prints the error on
 those W (same token weights): how much of the fit is overfitting to the calibration tokens,
-the question a regulariser has to answer. ``--set KEY=VALUE`` passes a keyword of
+the question a regulariser has to answer; ``--fit W`` fits on the first W windows only (how
+the held-out error falls as the calibration grows). ``--set KEY=VALUE`` passes a keyword of
 ``sparsellm_ffn`` (``ridge``, ``epochs``, ``dampening``, ``admm_iterations``, ...).
 """
 
@@ -124,8 +127,10 @@ def main() -> None:
     parser.add_argument("--pattern", help="N:M instead of --sparsity, e.g. 2:4")
     parser.add_argument("--model", help="GGUF file or model directory (default: the bundled one)")
     parser.add_argument("--shared", default="../shared")
+    parser.add_argument("--calibration", help="token windows (.pt; default: SHARED/bench/calib.pt)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N")
     parser.add_argument("--holdout", type=int, default=0, metavar="W", help="windows held out")
+    parser.add_argument("--fit", type=int, metavar="W", help="windows fitted (default: the rest)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     try:
@@ -134,14 +139,17 @@ def main() -> None:
         parser.error(f"--set takes KEY=VALUE with a Python literal value, got {args.set}")
 
     target = SparsityTarget.parse(None if args.pattern else args.sparsity, args.pattern)
-    windows = torch.load(Path(args.shared) / "bench" / "calib.pt")
+    windows = torch.load(args.calibration or Path(args.shared) / "bench" / "calib.pt")
     if not 0 <= args.holdout < windows.shape[0]:
         parser.error(f"--holdout must be in [0, {windows.shape[0]}), got {args.holdout}")
+    fitted = windows.shape[0] - args.holdout
+    if args.fit is not None and not 1 <= args.fit <= fitted:
+        parser.error(f"--fit must be in [1, {fitted}] (windows not held out), got {args.fit}")
     model, _ = load_model_and_tokenizer(args.model or bundled_gguf(), "float32")
     data = capture(model, args.block, windows)
     del model
     weights = token_weights(Goal([data["B"]], None, 0.0))  # the pruner's rule; B* = B here
-    fit = slice(0, (windows.shape[0] - args.holdout) * windows.shape[1])
+    fit = slice(0, (args.fit or fitted) * windows.shape[1])
     loops = time_admm_loops()
     solve = functools.partial(
         sparsellm_ffn,
@@ -169,7 +177,7 @@ def main() -> None:
         print(f"  ADMM loop {shape[0]}x{shape[1]}: {iterations} iterations, {spent:.2f} s")
     print(f"  FFN output error (relative, token-weighted): {result.output_error:.5f}")
     if args.holdout:
-        held = heldout_error(data, result, slice(fit.stop, None), weights)
+        held = heldout_error(data, result, slice(fitted * windows.shape[1], None), weights)
         print(f"  on the {args.holdout} held-out windows: {held:.5f}")
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.cprofile)

@@ -1,7 +1,8 @@
 """One benchmark run of protocol sotu-smollm2 in its own process; prints one JSON line.
 
 Usage: python bench/run_one.py --method sparsegpt --sparsity 0.5 [--pattern 2:4]
-       [--shared ../shared] [--model PATH.gguf|DIR] [--offload disk [--output DIR]]
+       [--shared ../shared] [--calibration WINDOWS.pt] [--model PATH.gguf|DIR]
+       [--offload disk [--output DIR]]
        python bench/run_one.py --export-safetensors DIR   # the bundled GGUF as safetensors, once
 
 ``--offload disk`` prunes out of core from a safetensors directory (``--model DIR``, e.g. the
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float)
     parser.add_argument("--pattern")
     parser.add_argument("--shared", default="../shared")
+    parser.add_argument("--calibration", help="token windows (.pt; default: SHARED/bench/calib.pt)")
     parser.add_argument("--model", help="a .gguf file or a model directory (default: bundled)")
     parser.add_argument("--offload", choices=("memory", "disk"), default="memory")
     parser.add_argument("--output", help="--offload disk: keep the pruned model here")
@@ -140,7 +142,7 @@ def main() -> None:
     if args.offload == "disk" and not args.model:
         raise SystemExit("--offload disk needs --model DIR (see --export-safetensors)")
 
-    calib = torch.load(f"{args.shared}/bench/calib.pt")
+    calib = torch.load(args.calibration or f"{args.shared}/bench/calib.pt")
     evaluation = torch.load(f"{args.shared}/bench/eval.pt")
     options = {}
     for item in args.option:
