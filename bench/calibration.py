@@ -20,7 +20,7 @@ from run_one import bundled_gguf
 from sparsellm.data import random_windows, read_utf8, tokenize
 from sparsellm.loading import load_model_and_tokenizer
 
-YEARS = range(1900, 1990)
+YEARS = {str(year) for year in range(1900, 1990)}  # file names start with the year
 SEQLEN = 512
 
 
@@ -37,7 +37,7 @@ def main() -> None:
         parser.error(f"{reference_path} not found (pass --shared)")
     reference = torch.load(reference_path)
     files = sorted(Path(args.shared, "data", "sotu").glob("*.txt"))
-    text = "\n\n".join(read_utf8(p) for p in files if int(p.name[:4]) in YEARS)
+    text = "\n\n".join(read_utf8(p) for p in files if p.name[:4] in YEARS)
     _, tokenizer = load_model_and_tokenizer(bundled_gguf(), "float32")
     windows = random_windows(tokenize(text, tokenizer), args.windows, SEQLEN, seed=0)
     shared = min(args.windows, reference.shape[0])
