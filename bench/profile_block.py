@@ -9,10 +9,9 @@ Usage: python bench/profile_block.py [--block 15] [--sparsity 0.7 | --pattern 2:
 The block's FFN input, dense FFN output and block output are captured from the *dense* model
 on the benchmark's calibration windows (``calib.pt``, or ``--calibration``'s), then
 ``sparsellm_ffn`` runs with the pruner's defaults (ADMM supports, one epoch, each token weighted
-``1 / ‖B_t‖²``). Printed:
-seconds per stage of the solve, each ADMM loop's shape, iterations and seconds, the output
-error, and with ``--cprofile N`` the N functions with the most time of their own. The FFN's
-wiring is the adapter's claim, not checked here (the pruner checks it).
+``1 / ‖B_t‖²``). Printed: seconds per stage of the solve, each ADMM loop's shape, iterations
+and seconds, the output error, and with ``--cprofile N`` the N functions with the most time of
+their own. The FFN's wiring is the adapter's claim, not checked here (the pruner checks it).
 
 ``--holdout W`` fits on all but the last W calibration windows and also prints the error on
 those W (same token weights): how much of the fit is overfitting to the calibration tokens,
@@ -150,6 +149,7 @@ def main() -> None:
     del model
     weights = token_weights(Goal([data["B"]], None, 0.0))  # the pruner's rule; B* = B here
     fit = slice(0, (args.fit or fitted) * windows.shape[1])
+    held_out = slice(fitted * windows.shape[1], None)  # the last --holdout windows
     loops = time_admm_loops()
     solve = functools.partial(
         sparsellm_ffn,
@@ -177,7 +177,7 @@ def main() -> None:
         print(f"  ADMM loop {shape[0]}x{shape[1]}: {iterations} iterations, {spent:.2f} s")
     print(f"  FFN output error (relative, token-weighted): {result.output_error:.5f}")
     if args.holdout:
-        held = heldout_error(data, result, slice(fitted * windows.shape[1], None), weights)
+        held = heldout_error(data, result, held_out, weights)
         print(f"  on the {args.holdout} held-out windows: {held:.5f}")
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.cprofile)
