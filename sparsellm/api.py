@@ -10,12 +10,18 @@ from torch import nn
 
 from sparsellm.allocation import allocator
 from sparsellm.config import PruneConfig, prune_config
-from sparsellm.data import calibration_windows, evaluation_windows
+from sparsellm.data import (
+    TENSOR_SOURCE,
+    calibration_windows,
+    check_token_tensor,
+    evaluation_windows,
+)
 from sparsellm.distributed import shard, shared_run, world
 from sparsellm.engine import BlockStore, EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
 from sparsellm.memory import Budget
 from sparsellm.models import get_adapter
+from sparsellm.preflight import check_windows
 from sparsellm.pruners import fallback_pruner, get_method
 from sparsellm.report import PruneReport
 from sparsellm.settings import ConfigError
@@ -67,10 +73,10 @@ def prune_model(
     for name in ("model", "output", "overwrite", "eval", "eval_seqlen", "eval_windows"):
         if name in options:
             raise ConfigError(f"{name!r} is a setting of the CLI, not of prune_model()")
-    source = calibration if isinstance(calibration, str) else "<tensor>"
+    ids = None if isinstance(calibration, str) else check_token_tensor(calibration, TENSOR_SOURCE)
+    source = TENSOR_SOURCE if ids is not None else calibration
     values = dict(options, method=method, sparsity=sparsity, pattern=pattern, calibration=source)
     config = prune_config({k: v for k, v in values.items() if v is not None}, require_io=False)
-    ids = calibration if isinstance(calibration, torch.Tensor) else None
     return prune(model, tokenizer, config, calibration_ids=ids, progress=progress)
 
 
@@ -103,7 +109,7 @@ def prune(
     )
     windows, batch_size = None, config.batch_size
     if config.uses_calibration:
-        windows, batch_size = _calibration(tokenizer, config, calibration_ids, report)
+        windows, batch_size = _calibration(model, tokenizer, config, calibration_ids, report)
     device = default_device(config.device)
     engine_options = EngineOptions(
         device=device,
@@ -140,6 +146,7 @@ def prune(
 
 
 def _calibration(
+    model: nn.Module,
     tokenizer: object | None,
     config: PruneConfig,
     ids: torch.Tensor | None,
@@ -147,13 +154,19 @@ def _calibration(
 ) -> tuple[torch.Tensor, int]:
     """The calibration windows (this rank's share under torch.distributed) and the windows per
     batch (``batch_size``; under torch.distributed the runs ranks share them in, so that every
-    batch is one rank's and the statistics equal one process's)."""
+    batch is one rank's and the statistics equal one process's). Windows the model cannot
+    read (ids outside its vocabulary, longer than its positions) are refused here, before any
+    work, however they came (the CLI checks them before loading the model too)."""
     started = time.perf_counter()
     if ids is None:
         source = config.calibration
         if not source.endswith(".pt") and tokenizer is None:
             raise ConfigError("a tokenizer is needed to use text calibration data")
         ids = calibration_windows(source, tokenizer, config.nsamples, config.seqlen, config.seed)
+    else:
+        source = TENSOR_SOURCE
+        ids = check_token_tensor(ids, source)
+    check_windows(ids, source, model.config)
     report.timings["calibration_data"] = time.perf_counter() - started
     report.config["calibration_windows"] = list(ids.shape)
     ranks, batch_size = world()[1], config.batch_size
@@ -185,6 +198,8 @@ def evaluate_perplexity(
     can be scored. ``across_ranks``: under ``torch.distributed`` each rank scores a share of
     the windows (see :func:`~sparsellm.evaluation.windows_nll`)."""
     windows = evaluation_windows(dataset, tokenizer, seqlen, max_windows)
+    source = dataset if isinstance(dataset, str) else TENSOR_SOURCE
+    check_windows(windows, source, model.config)
     device = default_device(device)
     return windows_perplexity(
         model,

@@ -24,6 +24,7 @@ import torch
 
 from sparsellm.errors import UserError
 
+TENSOR_SOURCE = "<tensor>"  # how token ids passed in memory are named in messages
 BUILTIN = {"builtin": "calibration.txt", "builtin-heldout": "heldout.txt"}
 NAMED_DATASETS = ("wikitext2", "c4", "ptb")
 
@@ -151,12 +152,18 @@ def load_token_tensor(source: str) -> torch.Tensor:
     """An integer ``[n, seqlen]`` tensor of token ids stored with ``torch.save``.
 
     Read with ``weights_only=True``: a pickle that would run code is refused, not run. The
-    tensor must be of rank 2, non-empty, of an integer dtype, and hold no negative ids."""
+    tensor is checked by :func:`check_token_tensor`."""
     try:
         ids = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip, a pickle of code, ...: many types
         reason = one_line(f"{type(exc).__name__}: {exc}")
         raise DataError(f"cannot read token tensor {source!r}: {reason}") from None
+    return check_token_tensor(ids, source)
+
+
+def check_token_tensor(ids: object, source: str) -> torch.Tensor:
+    """``ids`` (from ``source``) as a long tensor, or ``DataError`` unless it is a non-empty
+    ``[n, seqlen]`` tensor of an integer dtype holding no negative ids."""
     if not isinstance(ids, torch.Tensor):
         raise DataError(
             f"{source!r} holds {type(ids).__name__}, not a tensor of token ids [n, seqlen]"
@@ -228,7 +235,7 @@ def calibration_windows(
     A tensor (or ``.pt`` file) of token ids is used as is.
     """
     if isinstance(source, torch.Tensor):
-        return source.long()
+        return check_token_tensor(source, TENSOR_SOURCE)
     if str(source).endswith(".pt"):
         check_source(source)
         return load_token_tensor(source)
@@ -241,7 +248,7 @@ def evaluation_windows(
 ) -> torch.Tensor:
     """Evaluation windows: the test split cut into consecutive windows of ``seqlen`` tokens."""
     if isinstance(source, torch.Tensor):
-        return source.long()[:max_windows]
+        return check_token_tensor(source, TENSOR_SOURCE)[:max_windows]
     if str(source).endswith(".pt"):
         check_source(source)
         return load_token_tensor(source)[:max_windows]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import string
 import time
@@ -860,3 +861,49 @@ def test_prune_either_runs_or_fails_in_one_line(capsys, tmp_path, model_dir, inv
 def test_an_unrecognised_argument_with_a_newline_is_one_line(capsys):
     code, _, err = run_cli(capsys, "prune", "--quiet", "a\nb")
     one_error_line(code, err, "unrecognized arguments")
+
+
+# ------------------------------------------------------------------------ the Python API
+
+
+@pytest.mark.parametrize(
+    ("calibration", "named"),
+    [
+        (torch.tensor([[1, 2, 300]]), "token id 300"),  # the tiny models' vocabulary is 256
+        (torch.ones(2, 8), "torch.float32"),
+        (torch.ones(0, 8, dtype=torch.long), "[0, 8]"),
+        (torch.ones(8, dtype=torch.long), "[8]"),
+        (-torch.ones(2, 8, dtype=torch.long), "negative token id -1"),
+        ([[1, 2]], "holds list"),
+        (None, "holds NoneType"),
+    ],
+)
+def test_prune_model_refuses_token_ids_the_model_cannot_read(calibration, named):
+    """Token ids passed in memory are checked as a .pt file's are, before any weight changes
+    (an id past the vocabulary used to fail deep in the embedding lookup)."""
+    from sparsellm import prune_model
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DataError, match=re.escape(named)):
+        prune_model(model, calibration=calibration, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_prune_model_refuses_windows_longer_than_the_positions():
+    from sparsellm import prune_model
+    from sparsellm.settings import ConfigError
+
+    model = tiny_model("gpt2")
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ConfigError, match=f"max_position_embeddings {limit}"):
+        prune_model(model, calibration=torch.zeros(1, limit + 1, dtype=torch.long))
+
+
+def test_evaluate_perplexity_refuses_ids_past_the_vocabulary():
+    from sparsellm.api import evaluate_perplexity
+
+    model = tiny_model("llama")
+    size = model.config.vocab_size
+    with pytest.raises(DataError, match=f"token id {size} "):
+        evaluate_perplexity(model, dataset=torch.tensor([[0, size]]), progress=False)
