@@ -73,8 +73,9 @@ def prune_model(
     for name in ("model", "output", "overwrite", "eval", "eval_seqlen", "eval_windows"):
         if name in options:
             raise ConfigError(f"{name!r} is a setting of the CLI, not of prune_model()")
-    ids = None if isinstance(calibration, str) else check_token_tensor(calibration, TENSOR_SOURCE)
-    source = TENSOR_SOURCE if ids is not None else calibration
+    # Anything but a source name is token ids, checked (once, for every caller) by prune().
+    named = isinstance(calibration, str)
+    ids, source = (None, calibration) if named else (calibration, TENSOR_SOURCE)
     values = dict(options, method=method, sparsity=sparsity, pattern=pattern, calibration=source)
     config = prune_config({k: v for k, v in values.items() if v is not None}, require_io=False)
     return prune(model, tokenizer, config, calibration_ids=ids, progress=progress)
@@ -91,7 +92,8 @@ def prune(
     record: RunRecord | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place as a checked ``config`` says (see :func:`prune_model`);
-    ``calibration_ids`` [n, seqlen], when given, replace ``config.calibration``. ``store``:
+    ``calibration_ids`` [n, seqlen], when given (or when ``config.calibration`` is
+    ``"<tensor>"``), replace ``config.calibration``. ``store``:
     where the blocks wait between visits (default: in memory; an out-of-core model's
     :meth:`~sparsellm.offload.OffloadedModel.pruning_store` reads and writes them on disk).
     ``record``: where each finished block is recorded, and the blocks an interrupted run
@@ -158,7 +160,7 @@ def _calibration(
     read (ids outside its vocabulary, longer than its positions) are refused here, before any
     work, however they came (the CLI checks them before loading the model too)."""
     started = time.perf_counter()
-    if ids is None:
+    if ids is None and config.calibration != TENSOR_SOURCE:
         source = config.calibration
         if not source.endswith(".pt") and tokenizer is None:
             raise ConfigError("a tokenizer is needed to use text calibration data")
