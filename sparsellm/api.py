@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from sparsellm.allocation import allocator
-from sparsellm.config import PruneConfig, prune_config
+from sparsellm.config import EvalConfig, PruneConfig, check_device, prune_config
 from sparsellm.data import (
     TENSOR_SOURCE,
     calibration_windows,
@@ -20,11 +21,11 @@ from sparsellm.distributed import shard, shared_run, world
 from sparsellm.engine import BlockStore, EngineOptions, prune_blocks
 from sparsellm.evaluation import windows_perplexity
 from sparsellm.memory import Budget
-from sparsellm.models import get_adapter
+from sparsellm.models import Adapter, get_adapter
 from sparsellm.preflight import check_windows
 from sparsellm.pruners import fallback_pruner, get_method
 from sparsellm.report import PruneReport
-from sparsellm.settings import ConfigError
+from sparsellm.settings import ConfigError, check_value, declared, shown, type_name
 
 if TYPE_CHECKING:
     from sparsellm.resume import RunRecord
@@ -98,10 +99,12 @@ def prune(
     :meth:`~sparsellm.offload.OffloadedModel.pruning_store` reads and writes them on disk).
     ``record``: where each finished block is recorded, and the blocks an interrupted run
     finished are restored from (:func:`sparsellm.resume.open_record`; the CLI's ``--resume``)."""
+    _check_arguments(model, tokenizer, "calibration")
     if config.options is None:  # built by hand rather than by prune_config(): check it now
         config = prune_config(config.to_dict(), require_io=False)
     method = get_method(config.method)
     adapter = get_adapter(model)
+    _check_skip(adapter, config.skip)
     report = PruneReport(
         model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
         architecture=adapter.family,
@@ -145,6 +148,43 @@ def prune(
     report.timings["prune"] = time.perf_counter() - started
     report.finish()
     return report
+
+
+def _check_arguments(model: object, tokenizer: object, text_argument: str) -> None:
+    """The Python API's first two arguments, checked before any work: a hub id passed where
+    the loaded model belongs, or a text source passed positionally into the tokenizer's place
+    (``evaluate_perplexity(model, "eval.txt")`` would otherwise score the default dataset)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a loaded causal LM (a torch nn.Module), got "
+            f"{shown(model)} ({type_name(model)}); load it first, e.g. with "
+            "transformers.AutoModelForCausalLM.from_pretrained or sparsellm.load_model"
+        )
+    if tokenizer is not None and not callable(tokenizer):
+        hint = f"; pass a text source as {text_argument}=" if isinstance(tokenizer, str) else ""
+        raise TypeError(
+            f"tokenizer must be a tokenizer (callable) or None, got {shown(tokenizer)} "
+            f"({type_name(tokenizer)}){hint}"
+        )
+
+
+def _check_skip(adapter: Adapter, skip: str | None) -> None:
+    """A ``skip`` that matches no prunable layer leaves the whole model to prune, which is
+    nearly always a typo (``layer\\.0\\.`` for ``layers\\.0\\.``): refuse it before any work,
+    with a name it could have matched."""
+    if skip is None:
+        return
+    pattern = re.compile(skip)
+    names = [
+        f"{adapter.block_name(index)}.{name}"
+        for index, block in enumerate(adapter.blocks())
+        for name in adapter.prunable(block)
+    ]
+    if names and not any(pattern.search(name) for name in names):
+        raise ConfigError(
+            f"skip {skip!r} matches none of the model's {len(names)} prunable layers "
+            f"(named like {names[0]!r}), so it would leave nothing dense"
+        )
 
 
 def _calibration(
@@ -198,7 +238,14 @@ def evaluate_perplexity(
     The model is not moved: if it is not on ``device`` its decoder blocks stream through the
     device one at a time (see :mod:`sparsellm.evaluation`), so models larger than the device
     can be scored. ``across_ranks``: under ``torch.distributed`` each rank scores a share of
-    the windows (see :func:`~sparsellm.evaluation.windows_nll`)."""
+    the windows (see :func:`~sparsellm.evaluation.windows_nll`). Bad arguments raise
+    ``TypeError`` (model, tokenizer) or ``ConfigError`` naming the value, before any work."""
+    _check_arguments(model, tokenizer, "dataset")
+    fields = {field.name: field for field in declared(EvalConfig)}
+    arguments = {"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size}
+    for name, value in arguments.items():
+        check_value(fields[name], value)
+    check_device(device)
     windows = evaluation_windows(dataset, tokenizer, seqlen, max_windows)
     source = dataset if isinstance(dataset, str) else TENSOR_SOURCE
     check_windows(windows, source, model.config)

@@ -61,7 +61,12 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsellm`` parser; its prune flags follow the methods registered now."""
-    parser = _Parser(prog="sparsellm", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="sparsellm",
+        description="Prune causal language models to a target sparsity (SparseLLM, SparseGPT, "
+        "Wanda, magnitude), evaluate, fine-tune and store them sparse. "
+        "`sparsellm COMMAND --help` lists a command's flags.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help, description, schema, run in SUBCOMMANDS:
         p = sub.add_parser(name, help=help, description=description)

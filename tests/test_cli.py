@@ -5,6 +5,7 @@ import torch
 from conftest import run_cli as run
 from transformers import AutoModelForCausalLM
 
+from sparsellm.cli import main as run_main
 from sparsellm.masks import is_valid_nm
 
 
@@ -286,3 +287,14 @@ def test_finetune_bad_mixed_precision(capsys, tmp_path, model_dir):
     )
     assert code == 2 and "fp8" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_top_level_help_describes_the_tool_in_whole_sentences(capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_main(["--help"])
+    assert exit.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # The description used to be the first line of the module docstring, cut mid-sentence.
+    assert "flags derived from the settings and the positional" not in out
+    assert "Prune causal language models to a target sparsity" in out
+    assert "`sparsellm COMMAND --help` lists a command's flags." in out

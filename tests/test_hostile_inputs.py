@@ -907,3 +907,71 @@ def test_evaluate_perplexity_refuses_ids_past_the_vocabulary():
     size = model.config.vocab_size
     with pytest.raises(DataError, match=f"token id {size} "):
         evaluate_perplexity(model, dataset=torch.tensor([[0, size]]), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "named"),
+    [
+        ("seqlen", 0, "seqlen must be a positive integer, got 0"),
+        ("seqlen", -5, "seqlen must be a positive integer, got -5"),
+        ("max_windows", 0, "max_windows must be a positive integer, got 0"),
+        ("max_windows", -1, "max_windows must be a positive integer, got -1"),
+        ("batch_size", 0, "batch_size must be a positive integer, got 0"),
+        ("batch_size", 2.5, "batch_size must be a positive integer, got 2.5 (a float)"),
+        ("device", "tpu", "device 'tpu' is not a device name"),
+    ],
+)
+def test_evaluate_perplexity_names_a_bad_argument(argument, value, named):
+    """These used to fail as a ZeroDivisionError, a negative shape, ``range()`` or torch's
+    list of device types; ``max_windows=0`` claimed the text was too short."""
+    from sparsellm.api import evaluate_perplexity
+    from sparsellm.settings import ConfigError
+
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        evaluate_perplexity(
+            model, byte_tokenizer(), str(FIXTURE_TEXT), progress=False, **{argument: value}
+        )
+
+
+def test_a_text_source_in_the_tokenizers_place_is_named():
+    """``evaluate_perplexity(model, "eval.txt")`` used to take the path as the tokenizer and
+    score the default dataset (or fail to download it); ``prune_model(model, "gpt2")`` failed
+    with "'str' object is not callable"."""
+    from sparsellm import evaluate_perplexity, prune_model
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"got 'eval\.txt' \(a string\); pass .* as dataset="):
+        evaluate_perplexity(model, "eval.txt", progress=False)
+    with pytest.raises(TypeError, match=r"got 'gpt2' \(a string\); pass .* as calibration="):
+        prune_model(model, "gpt2", calibration=str(FIXTURE_TEXT), progress=False)
+    with pytest.raises(TypeError, match="model must be a loaded causal LM.*'facebook/opt-125m'"):
+        prune_model("facebook/opt-125m", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_skip_pattern_that_matches_no_layer_is_refused(capsys, tmp_path, model_dir):
+    """A typo in ``--skip`` (``layer`` for ``layers``) used to prune every layer silently."""
+    from sparsellm import prune_model
+    from sparsellm.settings import ConfigError
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 200, (2, 16))
+    typo = r"layer\.0\."
+    with pytest.raises(ConfigError, match=re.escape(f"skip {typo!r} matches none of the model's")):
+        prune_model(model, calibration=ids, skip=typo, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    prune_model(model, calibration=ids, skip=r"layers\.0\.", progress=False)
+    weights = model.state_dict()
+    assert torch.equal(
+        weights["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert (weights["model.layers.1.mlp.up_proj.weight"] == 0).float().mean() == 0.5
+
+    out = tmp_path / "out"
+    args = ("prune", "--model", model_dir, "--output", out, "--method", "magnitude", "--quiet")
+    code, _, err = run_cli(capsys, *args, "--skip", "nonexistent")
+    one_error_line(code, err, "skip 'nonexistent' matches none")
+    assert not out.exists()
