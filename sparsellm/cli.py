@@ -46,9 +46,23 @@ CLI_ONLY = ("recipe", "run", "command", "quiet")
 class _Parser(argparse.ArgumentParser):
     """argparse with the toolkit's one-line error format (exit code 2)."""
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.subcommands: dict[str, argparse.ArgumentParser] = {}  # by name, for error hints
+
     def error(self, message: str) -> None:  # type: ignore[override]
         message = message.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever was typed
         self.exit(2, f"sparsellm: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Unknown flags are reported by the subcommand's parser, so the hint names the help
+        that lists the flags (``sparsellm compress --help``, not ``sparsellm --help``)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            owner = self.subcommands.get(command, self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _method_flags(p: argparse.ArgumentParser) -> None:
@@ -70,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help, description, schema, run in SUBCOMMANDS:
         p = sub.add_parser(name, help=help, description=description)
+        parser.subcommands[name] = p
         for dest, (metavar, text, *nargs) in getattr(schema, "POSITIONAL", {}).items():
             p.add_argument(dest, metavar=metavar, help=text, nargs=nargs[0] if nargs else None)
         p.add_argument("--recipe", help="TOML file with any of these options (flags override it)")

@@ -298,3 +298,12 @@ def test_top_level_help_describes_the_tool_in_whole_sentences(capsys):
     assert "flags derived from the settings and the positional" not in out
     assert "Prune causal language models to a target sparsity" in out
     assert "`sparsellm COMMAND --help` lists a command's flags." in out
+
+
+def test_an_unknown_flag_points_at_the_subcommands_help(capsys):
+    code, _, err = run(capsys, "compress", "in", "out", "--output", "x")
+    assert code == 2
+    # argparse reports leftovers from the top-level parser, whose help lists no flags.
+    assert err.strip().splitlines() == [
+        "sparsellm: error: unrecognized arguments: --output x (see 'sparsellm compress --help')"
+    ]
