@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES
 from conftest import run_cli as run
 from transformers import AutoModelForCausalLM
 
@@ -272,6 +273,19 @@ def test_finetune_bad_steps(capsys, tmp_path, model_dir):
         capsys, "finetune", "--model", model_dir, "--output", tmp_path / "o", "--steps", "0"
     )
     assert code == 2 and "steps" in err and not (tmp_path / "o").exists()
+
+
+def test_a_diverging_finetune_is_one_line_and_writes_nothing(capsys, tmp_path, model_dir):
+    """A non-finite loss used to end the CLI with a 20-line FloatingPointError traceback."""
+    args = ("finetune", "--model", model_dir, "--output", tmp_path / "o", "--lr", "1e30")
+    args += ("--data", FIXTURES / "calibration.txt", "--steps", 3, "--seqlen", 32, "--quiet")
+    code, _, err = run(capsys, *args)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "sparsellm: numerical failure: training loss is nan at step 1, after 1 update(s): "
+        "training diverged; a lower --lr or more --warmup-steps usually helps"
+    ]
+    assert not (tmp_path / "o").exists()
 
 
 def test_finetune_bad_mixed_precision(capsys, tmp_path, model_dir):

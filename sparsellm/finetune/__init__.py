@@ -73,7 +73,8 @@ def finetune(
 
     ``device``: where to train (the model is moved there); default: where the model is.
     Perplexity before/after (never autocast) is measured on ``eval_windows`` if given. The model
-    is left in eval mode. Raises ``FloatingPointError`` on a non-finite training loss.
+    is left in eval mode. Raises :class:`~sparsellm.errors.TrainingDivergedError` (a
+    ``FloatingPointError``) on a non-finite training loss.
     """
     # The keywords are RunSettings' fields by name; read them before any other local exists.
     given = locals()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from sparsellm.errors import TrainingDivergedError
 from sparsellm.finetune.settings import RunSettings
 from sparsellm.finetune.setup import Training
 
@@ -27,13 +28,21 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 def train_step(run: Training, ids: torch.Tensor, step: int, max_grad_norm: float | None) -> float:
     """Forward, backward, clipping, optimizer and LR-schedule step on the batch ``ids``; returns
-    its loss. Raises ``FloatingPointError`` on a non-finite loss."""
+    its loss. Raises :class:`~sparsellm.errors.TrainingDivergedError` (a ``FloatingPointError``)
+    on a non-finite loss."""
     dtype = run.autocast_dtype
     with torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None):
         loss = run.model(input_ids=ids, labels=ids, use_cache=False).loss
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise FloatingPointError(f"training loss is {value} at step {step}")
+        # Before any update the model or the data are at fault; after updates, the step size.
+        why = (
+            "before any update: the model gives non-finite values on this data"
+            if step == 0
+            else f"after {step} update(s): training diverged; a lower --lr or more --warmup-steps"
+            " usually helps"
+        )
+        raise TrainingDivergedError(f"training loss is {value} at step {step}, {why}")
     scaler, optimizer = run.scaler, run.optimizer
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
