@@ -8,6 +8,7 @@ detected before anything is written.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -332,6 +333,9 @@ def run_eval(args: argparse.Namespace) -> int:
         check_model_source(config.model, config.allow_pickle, config.trust_remote_code)
     device = init_from_environment(default_device(config.device))
     model, tokenizer = _load(config, device)
+    from sparsellm.guard import check_weights_finite
+
+    check_weights_finite(model)  # a damaged checkpoint would score NaN; name the tensor instead
     progress = not args.quiet and is_main()
     perplexity = _eval_perplexity(config, model, tokenizer, windows, device, progress)
     results = _eval_tasks(config, model, tokenizer, tasks, device, progress) if tasks else None
@@ -373,6 +377,11 @@ def _eval_perplexity(config: EvalConfig, model, tokenizer, windows, device, prog
         progress=progress,
         across_ranks=True,
     )
+    if not math.isfinite(ppl):  # finite weights: the forward overflowed; record nothing
+        raise NumericalError(
+            f"perplexity is {ppl} ({config.model} on {config.dataset}): the model's activations "
+            "overflow on this text; try --dtype float32 or bfloat16"
+        )
     if is_main():
         print(f"perplexity {ppl:.4f} ({config.model} on {config.dataset}, seqlen {config.seqlen})")
     entry = {"perplexity": ppl, "seqlen": config.seqlen, "windows": int(windows.shape[0])}

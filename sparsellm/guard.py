@@ -121,9 +121,11 @@ def check_weights_finite(module: nn.Module, prefix: str = "") -> None:
     for name, param in module.named_parameters():
         if param.is_floating_point() and not param.is_meta and (count := _nonfinite(param)):
             where = f"{prefix}.{name}" if prefix else name
+            # float16 saturates at 65504: a float32 checkpoint cast to it can gain Infs.
+            cast = " or exceeds float16's range (try --dtype bfloat16)"
             raise NonFiniteError(
                 f"{where} holds {count} NaN/Inf values: the checkpoint is damaged "
-                "(re-download or re-export it)"
+                f"(re-download or re-export it){cast if param.dtype == torch.float16 else ''}"
             )
 
 

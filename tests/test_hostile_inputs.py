@@ -975,3 +975,35 @@ def test_a_skip_pattern_that_matches_no_layer_is_refused(capsys, tmp_path, model
     code, _, err = run_cli(capsys, *args, "--skip", "nonexistent")
     one_error_line(code, err, "skip 'nonexistent' matches none")
     assert not out.exists()
+
+
+def test_eval_of_a_checkpoint_holding_nan_names_the_tensor(capsys, tmp_path):
+    """It used to print "perplexity nan", exit 0 and record NaN in the report."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    capsys.readouterr()  # the saving's progress bar
+    args = ("--dataset", FIXTURE_TEXT, "--seqlen", 32, "--max-windows", 2, "--quiet")
+    code, out, err = run_cli(capsys, "eval", "--model", tmp_path, *args)
+    one_error_line(code, err, "model.layers.1.mlp.up_proj.weight holds 1 NaN/Inf values")
+    assert "perplexity" not in out
+    assert not (tmp_path / "sparsity_report.json").exists()
+
+
+def test_eval_whose_forward_overflows_fails_and_records_nothing(capsys, tmp_path, monkeypatch):
+    """Finite weights whose activations overflow (float16) give a NaN perplexity: exit 1 with
+    the cause, and no NaN (invalid JSON) written into the report."""
+    tiny_model("llama").save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    monkeypatch.setattr("sparsellm.api.evaluate_perplexity", lambda *a, **k: float("nan"))
+    capsys.readouterr()  # the saving's progress bar
+    args = ("--dataset", FIXTURE_TEXT, "--seqlen", 32, "--max-windows", 2, "--quiet")
+    code, _, err = run_cli(capsys, "eval", "--model", tmp_path, *args)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"sparsellm: numerical failure: perplexity is nan ({tmp_path} on {FIXTURE_TEXT}): the "
+        "model's activations overflow on this text; try --dtype float32 or bfloat16"
+    ]
+    assert not (tmp_path / "sparsity_report.json").exists()
