@@ -283,7 +283,8 @@ def test_a_diverging_finetune_is_one_line_and_writes_nothing(capsys, tmp_path, m
     assert code == 1
     assert err.strip().splitlines() == [
         "sparsellm: numerical failure: training loss is nan at step 1, after 1 update(s): "
-        "training diverged; a lower --lr or more --warmup-steps usually helps"
+        "training diverged; a lower learning rate (--lr) or more warm-up steps (--warmup-steps) "
+        "usually helps"
     ]
     assert not (tmp_path / "o").exists()
 

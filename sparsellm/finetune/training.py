@@ -39,8 +39,8 @@ def train_step(run: Training, ids: torch.Tensor, step: int, max_grad_norm: float
         why = (
             "before any update: the model gives non-finite values on this data"
             if step == 0
-            else f"after {step} update(s): training diverged; a lower --lr or more --warmup-steps"
-            " usually helps"
+            else f"after {step} update(s): training diverged; a lower learning rate (--lr) or "
+            "more warm-up steps (--warmup-steps) usually helps"
         )
         raise TrainingDivergedError(f"training loss is {value} at step {step}, {why}")
     scaler, optimizer = run.scaler, run.optimizer
