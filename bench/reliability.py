@@ -580,6 +580,38 @@ def _(ws):
     return second if first.handled and first.intact else first
 
 
+@case("--skip that matches no layer (a typo)")
+def _(ws):
+    verdict = _bad_input(ws, "skip-none", *_prune_with(ws.llama, "--skip", r"layer\.0\."))
+    verdict.handled = verdict.handled and "matches none" in verdict.note
+    return verdict
+
+
+@case("eval of a checkpoint holding NaN")
+def _(ws):
+    from safetensors.torch import save_file
+
+    model = ws.copy(ws.llama, "eval-nan")
+    (file,) = model.glob("*.safetensors")
+    state = weights(model)
+    state["model.layers.1.self_attn.v_proj.weight"][0, 0] = float("nan")
+    save_file(state, file, metadata={"format": "pt"})
+    run = sparsellm("eval", "--model", model, "--dataset", TEXT, "--seqlen", 32, "--quiet")
+    verdict = judged(run, 2, not (model / "sparsity_report.json").exists())
+    verdict.handled = verdict.handled and "layers.1.self_attn.v_proj" in verdict.note
+    return verdict
+
+
+@case("finetune that diverges (--lr 1e30)")
+def _(ws):
+    output = ws.fresh("diverge") / "out"
+    args = ("--data", TEXT, "--steps", 3, "--seqlen", 32, "--lr", "1e30", "--quiet")
+    run = sparsellm("finetune", "--model", ws.llama, "--output", output, *args)
+    verdict = judged(run, 1, nothing_at(output))
+    verdict.handled = verdict.handled and "diverged" in verdict.note
+    return verdict
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", help="work in this directory and keep it")
