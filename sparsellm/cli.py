@@ -76,15 +76,19 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsellm`` parser; its prune flags follow the methods registered now."""
+    # No abbreviations: with --eval, --eval-seqlen and --eval-windows side by side, a prefix
+    # taken for a longer flag changes a run silently (sweep has no --eval: '--eval 64' was
+    # read as --eval-seqlen 64).
     parser = _Parser(
         prog="sparsellm",
+        allow_abbrev=False,
         description="Prune causal language models to a target sparsity (SparseLLM, SparseGPT, "
         "Wanda, magnitude), evaluate, fine-tune and store them sparse. "
         "`sparsellm COMMAND --help` lists a command's flags.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help, description, schema, run in SUBCOMMANDS:
-        p = sub.add_parser(name, help=help, description=description)
+        p = sub.add_parser(name, help=help, description=description, allow_abbrev=False)
         parser.subcommands[name] = p
         for dest, (metavar, text, *nargs) in getattr(schema, "POSITIONAL", {}).items():
             p.add_argument(dest, metavar=metavar, help=text, nargs=nargs[0] if nargs else None)

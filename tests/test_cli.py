@@ -322,3 +322,14 @@ def test_an_unknown_flag_points_at_the_subcommands_help(capsys):
     assert err.strip().splitlines() == [
         "sparsellm: error: unrecognized arguments: --output x (see 'sparsellm compress --help')"
     ]
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [("sweep", "--eval"), ("prune", "--spars"), ("eval", "--max-window")],
+)
+def test_a_flag_prefix_is_not_taken_for_a_longer_flag(capsys, command, flag):
+    """argparse's prefix matching read sweep's '--eval 64' as --eval-seqlen 64, silently."""
+    code, _, err = run(capsys, command, "--model", "m", flag, "64")
+    assert code == 2
+    assert f"unrecognized arguments: {flag} 64" in err
