@@ -599,12 +599,16 @@ def recipe_keys(schema: type) -> set[str]:
 def load_recipe(path: str | Path, schema: type) -> dict:
     """Keys of a TOML recipe (``-`` read as ``_``), each known to ``schema``."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"recipe {str(path)!r} is a directory, not a TOML file")
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
     try:
         data = tomllib.loads(path.read_text("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"recipe {str(path)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:  # unreadable (permissions, a FIFO's peer gone)
+        raise ConfigError(f"recipe {str(path)!r} cannot be read: {exc.strerror}") from None
     known = recipe_keys(schema)
     values = {}
     for key, value in data.items():

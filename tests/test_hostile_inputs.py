@@ -260,6 +260,14 @@ def test_a_recipe_value_of_the_wrong_type_names_the_key_and_the_type(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_recipe_path_that_is_a_directory_says_so(capsys, tmp_path, model_dir, no_model_load):
+    """It used to say "not found" of a directory that exists."""
+    argv = ["prune", "--model", model_dir, "--output", tmp_path / "out", "--recipe", tmp_path]
+    code, _, err = run_cli(capsys, *argv, "--quiet")
+    one_error_line(code, err, f"recipe {str(tmp_path)!r} is a directory, not a TOML file")
+    assert not (tmp_path / "out").exists()
+
+
 BAD_FLAGS = [
     (["--nsamples", "8.5"], "--nsamples", "invalid int value: '8.5'"),
     (["--sparsity", "half"], "--sparsity", "invalid float value: 'half'"),
