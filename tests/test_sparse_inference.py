@@ -235,6 +235,21 @@ def test_malformed_parts_are_refused():
         SparseLinear.from_packed(bitmask, values[:-1], offsets, (8, 40))
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_inputs_nn_linear_refuses_are_refused(pattern):
+    """A [2, 32] input to a 64-input layer has one token's worth of numbers: the decode path
+    took it for one token and returned [1, out]; other widths failed in a reshape, and
+    integer inputs were multiplied and rounded."""
+    w = sparse_weight(16, 64, "2:4" if pattern == "2:4" else "0.7")
+    module = SparseLinear.from_dense(w, pattern=pattern)
+    with torch.no_grad():
+        for x in (torch.randn(2, 32), torch.randn(3, 63), torch.ones(3, 64, dtype=torch.long)):
+            with pytest.raises(ValueError, match="this layer takes floating-point inputs of 64"):
+                module(x)
+        one = torch.randn(1, 1, 64)
+        torch.testing.assert_close(module(one), one @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_a_module_cast_to_bfloat16_keeps_working():
     w = sparse_weight(12, 64, "0.7")
     module = SparseLinear.from_dense(w).to(torch.bfloat16)

@@ -270,10 +270,16 @@ class SparseLinear(nn.Module):
     # ------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() == self.in_features and x.dtype == torch.float32:
+        one_token = x.numel() == self.in_features and x.shape[-1] == self.in_features
+        if one_token and x.dtype == torch.float32:
             y = self._decode_token(x)  # decode: a lean path (Python costs show at this size)
             if y is not None:
                 return y
+        if x.shape[-1] != self.in_features or not x.is_floating_point():
+            raise ValueError(  # as nn.Linear refuses them (a reshape would mix tokens)
+                f"input of shape {list(x.shape)} and dtype {x.dtype}: this layer takes "
+                f"floating-point inputs of {self.in_features} features"
+            )
         flat = x.detach().reshape(-1, self.in_features)
         if flat.dtype != torch.float32:
             flat = flat.float()
