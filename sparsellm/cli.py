@@ -474,10 +474,11 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from sparsellm.plan import Workload, dumps, format_plan, make_plan
-    from sparsellm.preflight import load_config
+    from sparsellm.preflight import check_length, load_config
 
     config = plan_config(_settings(args, PlanConfig))
     model_config = load_config(config.model, config.trust_remote_code)
+    check_length("seqlen", config.seqlen, model_config)  # the prune itself would refuse it
     work = Workload(config.method, config.nsamples, config.seqlen, config.epochs, config.batch_size)
     plan = make_plan(model_config, work, config.dtype, config.device_memory, config.ranks)
     print(dumps(plan) if config.json else format_plan(plan, config.model))

@@ -297,6 +297,25 @@ def test_eval_seqlen_beyond_gpt2_positions(capsys, gpt2_dir, no_model_load):
     one_error_line(code, err, "seqlen 1025", "max_position_embeddings 1024")
 
 
+def test_bench_infer_beyond_gpt2_positions(capsys, gpt2_dir, monkeypatch):
+    """It used to load both models and fail in the position table (or, with rotary
+    positions, ask for 40 GB at 100k tokens) with an 80-line traceback."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr("sparsellm.sparse.bench.load_models", refuse)
+    argv = ["bench-infer", "--model", gpt2_dir, "--prompt-tokens", 1000, "--new-tokens", 25]
+    code, _, err = run_cli(capsys, *argv, "--quiet")
+    one_error_line(code, err, "prompt_tokens + new_tokens 1025", "max_position_embeddings 1024")
+
+
+def test_plan_seqlen_beyond_gpt2_positions(capsys, gpt2_dir):
+    """The prune refuses these windows; the plan used to size them."""
+    code, _, err = run_cli(capsys, "plan", "--model", gpt2_dir, "--seqlen", 1025)
+    one_error_line(code, err, "seqlen 1025", "max_position_embeddings 1024")
+
+
 def test_finetune_seqlen_beyond_opt_positions(capsys, tmp_path, opt_dir, no_model_load):
     output = tmp_path / "out"
     code, _, err = run_cli(capsys, *finetune_args(opt_dir, output, "--seqlen", 2049))

@@ -241,6 +241,13 @@ def _busy_line(share: float | None) -> list[str]:
 
 def run(config: Any) -> int:
     """``sparsellm bench-infer`` from its checked settings."""
+    from sparsellm.preflight import check_length, load_config
+
+    # Before the load: past the positions OPT/GPT-2 fail in their table and others allocate
+    # attention for a context they were never trained on (100k tokens: a 40 GB request).
+    length = config.prompt_tokens + config.new_tokens
+    model_config = load_config(config.model, config.trust_remote_code)
+    check_length("prompt_tokens + new_tokens", length, model_config)
     models = load_models(config.model, config.dtype, config.min_sparsity, config.trust_remote_code)
     result = bench_infer(
         models, config.new_tokens, config.prompt_tokens, config.repeats, config.threads
