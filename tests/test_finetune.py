@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -114,6 +115,38 @@ def test_finetune_is_seeded_and_validates():
         finetune(pruned_tiny_llama(), windows, steps=0, progress=False)
     with pytest.raises(ValueError, match="train_windows"):
         finetune(pruned_tiny_llama(), windows[0], steps=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be a positive number, got -1.0"),
+        ({"weight_decay": -1.0}, "weight_decay must be a number >= 0, got -1.0"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be >= 1"),
+        ({"target_sparsity": 0.5, "schedule_steps": 0}, "schedule_steps must be >= 1"),
+        ({"device": "tpu"}, "device 'tpu' is not a device name"),
+        ({"windows": "float"}, "train_windows must hold integer token ids, not torch.float32"),
+        ({"windows": "past"}, "'train_windows': token id 1120"),
+        ({"eval": "past"}, "'eval_windows': token id 1120"),
+    ],
+)
+def test_finetune_refuses_what_it_cannot_train_on(options, named):
+    """These used to run (a negative clipping norm flips every gradient: the steps climbed the
+    loss) or fail far from the cause (an IndexError in the embedding, torch's device list)."""
+    model = pruned_tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = repetitive_windows()
+    options = dict(options)
+    kind = options.pop("windows", None)
+    if kind is not None:
+        windows = windows.float() if kind == "float" else windows + 1000
+    if options.pop("eval", None):
+        options["eval_windows"] = repetitive_windows() + 1000
+    with pytest.raises(ValueError, match=re.escape(named)):
+        finetune(model, windows, steps=2, progress=False, **options)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="model must be a loaded causal LM"):
+        finetune("gpt2", repetitive_windows(), steps=2, progress=False)
 
 
 def test_mixed_precision_resolution():

@@ -107,7 +107,17 @@ def _run(
     progress: bool,
 ) -> FinetuneReport:
     """Check, set up, evaluate, train, evaluate again and report (see :func:`finetune`)."""
+    from sparsellm.config import check_device
+    from sparsellm.preflight import check_windows
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a loaded causal LM (a torch nn.Module), got {model!r}")
     settings = settings.checked(train_windows)
+    # Ids past the vocabulary fail in the embedding lookup (an IndexError, or a device assert).
+    check_windows(train_windows, "train_windows", model.config)
+    if eval_windows is not None:
+        check_windows(eval_windows, "eval_windows", model.config)
+    check_device(device)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     precision = resolve_mixed_precision(settings.mixed_precision, model, device)

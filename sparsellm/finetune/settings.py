@@ -42,6 +42,22 @@ class RunSettings:
         if train_windows.ndim != 2 or train_windows.shape[0] == 0 or train_windows.shape[1] < 2:
             shape = tuple(train_windows.shape)
             raise ValueError(f"train_windows must be [n >= 1, seqlen >= 2], got {shape}")
+        if train_windows.is_floating_point() or train_windows.is_complex():
+            raise ValueError(
+                f"train_windows must hold integer token ids, not {train_windows.dtype}"
+            )
+        # A negative clipping norm flips every gradient (the step would climb the loss).
+        for name in ("max_grad_norm", "weight_decay"):
+            value = getattr(self, name)
+            positive = name == "max_grad_norm"
+            if value is None and positive:
+                continue
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                wanted = "a positive number" if positive else "a number >= 0"
+                raise ValueError(f"{name} must be {wanted}, got {value}")
+        for name in ("eval_batch_size", "schedule_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {getattr(self, name)}")
         warmup = self.steps // 10 if self.warmup_steps is None else self.warmup_steps
         if not 0 <= warmup <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps], got {warmup}")
