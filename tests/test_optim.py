@@ -365,6 +365,25 @@ def test_params_selection_by_callable_and_default_model():
         SparseOptimizer(base, params_to_sparsify=lambda n, p: True)
 
 
+def test_a_selection_that_cannot_work_says_what_to_pass():
+    """Names where tensors belong, a filter matching nothing and a model without decoder
+    blocks: one message each saying what to pass (an empty selection used to build an
+    optimizer whose every step sparsified nothing)."""
+    model = tiny_llama()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(TypeError, match=r"got str 'model.layers.0.mlp.up_proj.weight'; .*callable"):
+        SparseOptimizer(base, model=model, params_to_sparsify=["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(ValueError, match="selects no tensor"):
+        SparseOptimizer(base, model=model, params_to_sparsify=lambda name, p: "nothing" in name)
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="no nn.ModuleList of blocks; pass params_to_sparsify="):
+        SparseOptimizer(torch.optim.SGD(mlp.parameters(), lr=0.1), model=mlp, lam=0.1)
+    chosen = SparseOptimizer(
+        torch.optim.SGD(mlp.parameters(), lr=0.1), model=mlp, params_to_sparsify=[mlp[0].weight]
+    )
+    assert [n for n, _ in chosen.sparsified_parameters] == ["0.weight"]
+
+
 # --- checkpointing ---------------------------------------------------------------------------
 
 

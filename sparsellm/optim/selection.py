@@ -63,7 +63,10 @@ def select_parameters(
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     if selection is None:
         if model is not None:
-            chosen = list(sparsifiable_parameters(model))
+            try:
+                chosen = list(sparsifiable_parameters(model))
+            except ValueError as exc:  # not a decoder stack: the caller must choose
+                raise ValueError(f"{exc}; pass params_to_sparsify= to choose the tensors") from None
         else:
             chosen = [(None, p) for g in param_groups for p in g["params"]]
     elif callable(selection):
@@ -76,9 +79,19 @@ def select_parameters(
     seen: set[int] = set()
     for name, p in chosen:
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"params_to_sparsify must yield tensors, got {type(p).__name__}")
+            hint = (
+                "; to choose by name pass a callable, e.g. lambda name, p: name.endswith("
+                "'proj.weight')"
+                if isinstance(p, str)
+                else ""
+            )
+            raise TypeError(
+                f"params_to_sparsify must yield tensors, got {type(p).__name__} {p!r:.60}{hint}"
+            )
         if id(p) in seen:
             continue
         seen.add(id(p))
         result.append((name or names.get(id(p)) or f"param{len(result)}", p))
+    if not result:  # a filter that matches nothing would make every step a silent no-op
+        raise ValueError("params_to_sparsify selects no tensor: nothing would be sparsified")
     return result
