@@ -5,6 +5,7 @@ and N:M, the CLI (prune / finetune --save-format compressed, compress, decompres
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -216,6 +217,27 @@ def test_load_model_reads_dense_directories_and_casts(model_dir):
     assert next(model.parameters()).dtype == torch.bfloat16
     reference = load_model(model_dir)
     assert_identical(reference.state_dict(), tiny_model("llama").state_dict())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "named"),
+    [
+        ({"device": "tpu"}, ValueError, "device 'tpu' is not a device name"),
+        ({"dtype": torch.int8}, ValueError, "dtype torch.int8 is not a floating-point"),
+        ({"directory": None}, TypeError, "directory must be a path, got NoneType"),
+    ],
+)
+def test_load_model_names_a_bad_argument_before_reading(
+    model_dir, monkeypatch, arguments, error, named
+):
+    """A device torch cannot name failed after the weights were read, an integer dtype inside
+    transformers, None as an os.fspath TypeError."""
+    monkeypatch.setattr(
+        "sparsellm.compressed.load._load_dense", lambda *a: pytest.fail("weights were read")
+    )
+    arguments = {"directory": model_dir, **arguments}
+    with pytest.raises(error, match=re.escape(named)):
+        load_model(**arguments)
 
 
 def test_loaded_config_drops_the_record(tmp_path, calibration_ids):

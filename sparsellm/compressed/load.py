@@ -25,9 +25,9 @@ class SparseUnavailableError(UserError):
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``dtype`` as a torch dtype (``"bfloat16"`` -> ``torch.bfloat16``); ``None`` stays."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
         return dtype
-    resolved = getattr(torch, str(dtype), None)
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise UserError(f"dtype {dtype!r} is not a floating-point torch dtype")
     return resolved
@@ -49,8 +49,13 @@ def load_model(
     ``sparsellm.sparse.to_sparse_inference``). A malformed compressed checkpoint is refused
     with one line naming the file and the tensor (:class:`CompressedCheckpointError`).
     """
+    from sparsellm.config import check_device
+
+    if not isinstance(directory, str | Path):
+        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
     path = Path(directory)
     wanted = _dtype(dtype)
+    check_device(str(device))  # before the weights are read, not after
     if is_compressed(path):
         model = _load_compressed(path, wanted, sparse, trust_remote_code)
     else:
