@@ -361,6 +361,10 @@ def test_layers_below_min_sparsity_stay_dense():
     swap = to_sparse_inference(model, min_sparsity=0.6)
     assert not swap.swapped and len(swap.kept_dense) == 14
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    # A threshold no layer can meet (or a string) used to swap nothing, silently.
+    for bad in (1.5, float("nan"), "0.3", -0.1):
+        with pytest.raises(ValueError, match="min_sparsity must be a number from 0 to 1"):
+            to_sparse_inference(model, min_sparsity=bad)
 
 
 def test_bytes_per_token_count_parameters_and_a_tied_head_once():

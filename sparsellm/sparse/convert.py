@@ -50,6 +50,8 @@ def to_sparse_inference(
     forward of two tokens). Returns what was swapped."""
     from sparsellm.models import get_adapter, linear_weight
 
+    if not isinstance(min_sparsity, int | float) or not 0 <= min_sparsity <= 1:
+        raise ValueError(f"min_sparsity must be a number from 0 to 1, got {min_sparsity!r}")
     adapter = get_adapter(model)
     report = SparseSwap()
     for i, block in enumerate(adapter.blocks()):
