@@ -507,15 +507,21 @@ def _(ws):
     return verdict
 
 
-@case("NaN in a weight")
-def _(ws):
+def _with_nan(ws: Workspace, name: str, tensor: str) -> Path:
+    """A copy of the tiny LLaMA whose ``tensor`` holds one NaN."""
     from safetensors.torch import save_file
 
-    model = ws.copy(ws.llama, "nan")
+    model = ws.copy(ws.llama, name)
     (file,) = model.glob("*.safetensors")
     state = weights(model)
-    state["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    state[tensor][0, 0] = float("nan")
     save_file(state, file, metadata={"format": "pt"})
+    return model
+
+
+@case("NaN in a weight")
+def _(ws):
+    model = _with_nan(ws, "nan", "model.layers.2.mlp.up_proj.weight")
     verdict = _bad_input(ws, "nan-out", *_prune_with(model))
     verdict.handled = verdict.handled and "layers.2.mlp.up_proj" in verdict.note
     return verdict
@@ -589,13 +595,7 @@ def _(ws):
 
 @case("eval of a checkpoint holding NaN")
 def _(ws):
-    from safetensors.torch import save_file
-
-    model = ws.copy(ws.llama, "eval-nan")
-    (file,) = model.glob("*.safetensors")
-    state = weights(model)
-    state["model.layers.1.self_attn.v_proj.weight"][0, 0] = float("nan")
-    save_file(state, file, metadata={"format": "pt"})
+    model = _with_nan(ws, "eval-nan", "model.layers.1.self_attn.v_proj.weight")
     run = sparsellm("eval", "--model", model, "--dataset", TEXT, "--seqlen", 32, "--quiet")
     verdict = judged(run, 2, not (model / "sparsity_report.json").exists())
     verdict.handled = verdict.handled and "layers.1.self_attn.v_proj" in verdict.note
