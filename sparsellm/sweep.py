@@ -85,11 +85,24 @@ def point_of(row: dict[str, Any]) -> Point:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a sweep csv (none when it does not exist)."""
+    """The rows of a sweep csv (none when it does not exist); ``SweepError`` naming the first
+    row that is not a point (a method and a numeric sparsity), before anything is run."""
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SweepError(f"{str(path)!r} is not a sweep csv: {exc}") from None
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            point_of(row)
+        except (KeyError, TypeError, ValueError):
+            raise SweepError(
+                f"{str(path)!r} line {line} is not a sweep point (a method and a sparsity); "
+                "repair or remove the file, or sweep into another --output"
+            ) from None
+    return rows
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -132,6 +132,30 @@ def test_sweep_refuses_to_mix_settings(capsys, model_dir, tmp_path):
     assert code == 2 and "nope" in err
 
 
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda text: text + "garbage,line\n", "line 5 is not a sweep point"),
+        (lambda text: "a,b\n1,2\n", "line 2 is not a sweep point"),
+        (lambda text: "\udcff", "is not a sweep csv"),
+    ],
+)
+def test_a_damaged_sweep_csv_is_one_line(capsys, model_dir, tmp_path, damage, named):
+    """A hand-edited or truncated csv used to end a resumed sweep in a KeyError or a float()
+    traceback."""
+    output = tmp_path / "sweep"
+    run_sweep(sweep_values(model_dir, output))  # dense + 2 points: lines 2-4, the damage line 5
+    path = output / "sweep.csv"
+    text = damage(path.read_text())
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    args = ["sweep", "--model", model_dir, "--output", output, "--methods", "magnitude,wanda"]
+    args += ["--sparsities", "0.5", "--calibration", TEXT, "--nsamples", 4, "--seqlen", 32]
+    args += ["--dataset", TEXT, "--max-windows", 3, "--no-plot", "--device", "cpu", "--quiet"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1, err
+    assert named in err
+
+
 def test_sweep_knows_sources_by_their_files(model_dir, tmp_path, monkeypatch):
     """The same model named by a relative path resumes; an edited task file does not."""
     from sparsellm.config import sweep_config
