@@ -60,6 +60,9 @@ class SweepError(UserError):
     """A sweep directory that cannot be resumed with these settings."""
 
 
+DAMAGED = "repair it, or sweep into another --output"
+
+
 @dataclass(frozen=True)
 class Point:
     """One run of the sweep: a method at a sparsity (``dense``: the unpruned model)."""
@@ -99,8 +102,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
             point_of(row)
         except (KeyError, TypeError, ValueError):
             raise SweepError(
-                f"{str(path)!r} line {line} is not a sweep point (a method and a sparsity); "
-                "repair or remove the file, or sweep into another --output"
+                f"{str(path)!r} line {line} is not a sweep point (a method and a sparsity): "
+                f"{DAMAGED}"
             ) from None
     return rows
 
@@ -154,7 +157,12 @@ def open_directory(config: SweepConfig) -> Path:
     recorded_path = directory / SETTINGS
     wanted = fingerprint(config)
     if recorded_path.is_file():
-        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SweepError(f"{str(recorded_path)!r} is not JSON ({exc}): {DAMAGED}") from None
+        if not isinstance(recorded, dict):
+            raise SweepError(f"{str(recorded_path)!r} is not a sweep's settings: {DAMAGED}")
         if diff := differences(recorded, wanted):
             raise SweepError(
                 f"{str(directory)!r} holds a sweep with other settings ({diff}): rerun with "

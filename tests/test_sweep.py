@@ -156,6 +156,17 @@ def test_a_damaged_sweep_csv_is_one_line(capsys, model_dir, tmp_path, damage, na
     assert named in err
 
 
+@pytest.mark.parametrize(("body", "named"), [("not json", "is not JSON"), ("[]", "settings")])
+def test_a_damaged_sweep_json_is_one_line(capsys, model_dir, tmp_path, body, named):
+    """It used to end in a JSONDecodeError traceback, or compare a list with the settings."""
+    output = tmp_path / "sweep"
+    output.mkdir()
+    (output / "sweep.json").write_text(body)
+    code, _, err = run_cli(capsys, "sweep", "--model", model_dir, "--output", output, "--quiet")
+    assert code == 2 and err.count("\n") == 1, err
+    assert named in err and "repair it, or sweep into another --output" in err
+
+
 def test_sweep_knows_sources_by_their_files(model_dir, tmp_path, monkeypatch):
     """The same model named by a relative path resumes; an edited task file does not."""
     from sparsellm.config import sweep_config
