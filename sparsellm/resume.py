@@ -66,6 +66,9 @@ STATE = "state.json"
 NOT_FINGERPRINTED = frozenset(
     {"output", "overwrite", "resume", "eval", "eval_seqlen", "eval_windows", "save_format"}
     | {"allow_pickle", "offload"}  # offload: the mode it resolves to is fingerprinted instead
+    # model, calibration: known by their files (resolved path, sizes, times) below, so that
+    # 'tests/x.txt' and './tests/x.txt' are the same source and a changed file is not
+    | {"model", "calibration"}
 )
 _DTYPES = {
     torch.float64: "F64",
@@ -404,12 +407,30 @@ class RunRecord:
     def _restore_activations(self, inputs: BlockInputs, stream: str) -> None:
         """The recorded hidden states in place of the captured ones (same host tensors)."""
         path = self._existing(self._hidden(self.done, stream))
-        if read_header(path)[1].get("windows") != self._windows:
+        with self._reading(path):
+            windows = read_header(path)[1].get("windows")
+        if windows != self._windows:
             raise ResumeError(
                 "the calibration windows differ from those of the recorded run (was the "
                 f"calibration text changed?); remove {str(self.directory)!r} to start over"
             )
-        read_batches_into(path, inputs.hidden)
+        with self._reading(path):
+            read_batches_into(path, inputs.hidden)
+
+    @contextlib.contextmanager
+    def _reading(self, path: Path) -> Iterator[None]:
+        """A recorded file that cannot be read back (its bytes damaged after the atomic write:
+        a disk fault, a hand edit) ends the run in one line naming it, not in the parser's
+        traceback."""
+        try:
+            yield
+        except ResumeError:
+            raise
+        except Exception as exc:  # JSON, struct, safetensors, a shape: whatever the bytes broke
+            raise ResumeError(
+                f"{str(self.directory)!r} is damaged ({path.name}: {type(exc).__name__}); "
+                "remove it to start over"
+            ) from None
 
     def _existing(self, path: Path) -> Path:
         if not path.is_file():
@@ -422,16 +443,21 @@ class RunRecord:
     def _restore_entry(self, index: int, report: PruneReport) -> None:
         from sparsellm.report import LayerReport
 
-        entry = json.loads(self._existing(self.directory / f"block-{index:05d}.json").read_text())
-        report.layers.extend(LayerReport(**layer) for layer in entry["layers"])
-        report.blocks.append(entry["row"])
-        report.notes.extend(entry["notes"])
+        path = self._existing(self.directory / f"block-{index:05d}.json")
+        with self._reading(path):
+            entry = json.loads(path.read_text())
+            layers = [LayerReport(**layer) for layer in entry["layers"]]
+            row, notes = entry["row"], list(entry["notes"])
+        report.layers.extend(layers)
+        report.blocks.append(row)
+        report.notes.extend(notes)
 
     def _restore_weights(self, index: int, block: nn.Module) -> None:
         from safetensors.torch import load_file
 
         path = self._existing(self.directory / f"block-{index:05d}.safetensors")
-        block.load_state_dict(load_file(path), strict=True)  # copies into the block's tensors
+        with self._reading(path):
+            block.load_state_dict(load_file(path), strict=True)  # copies into the block's tensors
 
     def _hidden(self, index: int, stream: str = "hidden") -> Path:
         """This rank's activations entering block ``index``: the pruned model's (``hidden``)

@@ -271,6 +271,46 @@ def test_changed_model_files_on_resume_are_refused(capsys, monkeypatch, tmp_path
     assert "model.files.model.safetensors" in err
 
 
+def test_the_same_files_under_another_spelling_resume(
+    capsys, monkeypatch, tmp_path, source, reference
+):
+    """The model and calibration are known by their resolved files: 'fixtures/../fixtures/x'
+    is the text the record names (the raw strings were compared, and this was refused)."""
+    output = tmp_path / "out"
+    interrupted(capsys, monkeypatch, source, output)
+    argv = args(source.parent / "." / source.name, output, "sparsegpt", "memory", "--resume")
+    argv[argv.index("--calibration") + 1] = FIXTURES / ".." / FIXTURES.name / "calibration.txt"
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "resuming at block 2 of" in err
+    assert_same_output(reference("sparsegpt", "memory"), output)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "kind"),
+    [
+        ("block-00001.json", lambda raw: b"garbage", "JSONDecodeError"),
+        ("block-00001.json", lambda raw: b'{"layers": 5}', "TypeError"),
+        ("block-00001.safetensors", lambda raw: raw[:100], "SafetensorError"),
+        ("hidden-r0-00002.safetensors", lambda raw: raw[:100], "JSONDecodeError"),
+    ],
+)
+def test_a_damaged_record_is_one_line(capsys, monkeypatch, tmp_path, source, name, damage, kind):
+    """Files the record wrote atomically, damaged afterwards (a disk fault, a hand edit): the
+    resume used to end in the JSON or safetensors parser's traceback."""
+    output = tmp_path / "out"
+    interrupted(capsys, monkeypatch, source, output)
+    path = record_directory(output) / name
+    path.write_bytes(damage(path.read_bytes()))
+    code, _, err = run_cli(capsys, *args(source, output, "sparsegpt", "memory", "--resume"))
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"sparsellm: error: {str(record_directory(output))!r} is damaged ({name}: {kind}); "
+        "remove it to start over"
+    )
+    assert not output.exists()
+
+
 def test_a_record_without_resume_is_refused_even_with_overwrite(
     capsys, monkeypatch, tmp_path, source
 ):
