@@ -231,17 +231,11 @@ def check_report_path(path: str | Path) -> None:
 
 def _read_report(path: Path, model: str) -> dict[str, Any]:
     """The report at ``path`` (a new one naming ``model`` when there is none)."""
-    import json
+    from sparsellm.jsonfile import read_json_object
 
     if not path.is_file():
         return {"model": model}
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"report {str(path)!r} is not JSON: {exc}") from None
-    if not isinstance(report, dict):
-        raise UserError(f"report {str(path)!r} does not hold a JSON object")
-    return report
+    return read_json_object(path, hint="the report the results are added to")
 
 
 def record_evaluation(

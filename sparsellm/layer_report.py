@@ -8,13 +8,13 @@ for each output, printed side by side, and optionally drawn (:func:`sparsellm.pl
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sparsellm.errors import UserError
+from sparsellm.jsonfile import read_json_object
 
 REPORT = "sparsity_report.json"
 
@@ -29,11 +29,8 @@ def load_report(path: str | Path) -> dict[str, Any]:
     file = path / REPORT if path.is_dir() else path
     if not file.is_file():
         raise ReportError(f"{str(path)!r} is neither a pruned output with {REPORT} nor a report")
-    try:
-        report = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{str(file)!r} is not a JSON report: {exc}") from None
-    if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
+    report = read_json_object(file, ReportError)
+    if not isinstance(report.get("layers"), list):
         raise ReportError(f"{str(file)!r} has no per-layer rows ('layers'): not a {REPORT}")
     return report
 

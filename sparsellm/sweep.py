@@ -30,6 +30,7 @@ from sparsellm.api import default_device, prune
 from sparsellm.config import SweepConfig, prune_config
 from sparsellm.errors import UserError
 from sparsellm.evaluation import windows_perplexity
+from sparsellm.jsonfile import read_json_object
 from sparsellm.layer_report import REPORT
 from sparsellm.pruners import get_method
 
@@ -157,12 +158,7 @@ def open_directory(config: SweepConfig) -> Path:
     recorded_path = directory / SETTINGS
     wanted = fingerprint(config)
     if recorded_path.is_file():
-        try:
-            recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SweepError(f"{str(recorded_path)!r} is not JSON ({exc}): {DAMAGED}") from None
-        if not isinstance(recorded, dict):
-            raise SweepError(f"{str(recorded_path)!r} is not a sweep's settings: {DAMAGED}")
+        recorded = read_json_object(recorded_path, SweepError, DAMAGED)
         if diff := differences(recorded, wanted):
             raise SweepError(
                 f"{str(directory)!r} holds a sweep with other settings ({diff}): rerun with "

@@ -156,7 +156,9 @@ def test_a_damaged_sweep_csv_is_one_line(capsys, model_dir, tmp_path, damage, na
     assert named in err
 
 
-@pytest.mark.parametrize(("body", "named"), [("not json", "is not JSON"), ("[]", "settings")])
+@pytest.mark.parametrize(
+    ("body", "named"), [("not json", "is not JSON"), ("[]", "does not hold a JSON object")]
+)
 def test_a_damaged_sweep_json_is_one_line(capsys, model_dir, tmp_path, body, named):
     """It used to end in a JSONDecodeError traceback, or compare a list with the settings."""
     output = tmp_path / "sweep"
