@@ -140,7 +140,7 @@ def check_safetensors(path: Path) -> dict:
     except OSError as exc:
         raise ModelLoadError(f"cannot read checkpoint file {str(path)!r}: {exc.strerror}") from None
     if length < 0 or length > size - 8:
-        raise ModelLoadError(_truncated(path, size, None))
+        raise ModelLoadError(_truncated(path, size, 8 + max(length, 0)))
     try:
         header = json.loads(raw)
     except ValueError:  # UnicodeDecodeError included
@@ -166,13 +166,12 @@ def _data_end(path: Path, header: object) -> int:
         ) from None
 
 
-def _truncated(path: Path, size: int, expected: int | None) -> str:
-    """The message for a safetensors file shorter than its header says (``expected`` bytes;
-    ``None``: too short for the header itself)."""
-    wanted = "its header needs" if expected is None else f"its header describes {expected:,}"
+def _truncated(path: Path, size: int, expected: int) -> str:
+    """The message for a safetensors file shorter than its header says (at least ``expected``
+    bytes)."""
     return (
-        f"checkpoint file {str(path)!r} is truncated: it has {size:,} bytes, {wanted}; "
-        "download or copy it again"
+        f"checkpoint file {str(path)!r} is truncated: it has {size:,} bytes, its header "
+        f"describes {expected:,}; download or copy it again"
     )
 
 

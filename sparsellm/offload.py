@@ -282,6 +282,15 @@ class ShardWriter:
                 f"the resume record lacks {str(self.directory / file)!r}; remove "
                 f"{str(self.directory.parent)!r} to start over"
             )
+        from sparsellm.loading import ModelLoadError, check_safetensors
+
+        try:  # damaged after its atomic write: it would be linked into the output as it is
+            check_safetensors(self.directory / file)
+        except ModelLoadError:
+            raise ResumeError(
+                f"{str(self.directory / file)!r} in the resume record is damaged (truncated or "
+                f"unreadable); remove {str(self.directory.parent)!r} to start over"
+            ) from None
         header, _, _ = read_header(self.directory / file)
         for name, entry in header.items():
             self.weight_map[name] = file

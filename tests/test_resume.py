@@ -311,6 +311,28 @@ def test_a_damaged_record_is_one_line(capsys, monkeypatch, tmp_path, source, nam
     assert not output.exists()
 
 
+@pytest.mark.parametrize("keep", [100, -50], ids=["header cut", "data cut"])
+def test_a_damaged_offloaded_shard_is_refused_not_linked_into_the_output(
+    capsys, monkeypatch, tmp_path, source, keep
+):
+    """With --offload disk the record's shards become the output. A shard cut short after its
+    atomic write (its last 50 bytes gone) used to be linked in as it was: exit 0 and an output
+    that does not load."""
+    output = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        crash_at_block(patch, 2)
+        assert run_cli(capsys, *args(source, output, "sparsegpt", "disk"))[0] == 130
+    shard = sorted((record_directory(output) / "shards").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:keep])
+    code, _, err = run_cli(capsys, *args(source, output, "sparsegpt", "disk", "--resume"))
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"sparsellm: error: {str(shard)!r} in the resume record is damaged (truncated or "
+        f"unreadable); remove {str(record_directory(output))!r} to start over"
+    )
+    assert not output.exists()
+
+
 def test_a_record_without_resume_is_refused_even_with_overwrite(
     capsys, monkeypatch, tmp_path, source
 ):
