@@ -99,7 +99,7 @@ def prune(
     :meth:`~sparsellm.offload.OffloadedModel.pruning_store` reads and writes them on disk).
     ``record``: where each finished block is recorded, and the blocks an interrupted run
     finished are restored from (:func:`sparsellm.resume.open_record`; the CLI's ``--resume``)."""
-    _check_arguments(model, tokenizer, "calibration")
+    check_api_arguments(model, tokenizer, "calibration")
     if config.options is None:  # built by hand rather than by prune_config(): check it now
         config = prune_config(config.to_dict(), require_io=False)
     method = get_method(config.method)
@@ -150,8 +150,9 @@ def prune(
     return report
 
 
-def _check_arguments(model: object, tokenizer: object, text_argument: str) -> None:
-    """The Python API's first two arguments, checked before any work: a hub id passed where
+def check_api_arguments(model: object, tokenizer: object, text_argument: str = "") -> None:
+    """The Python API's first two arguments (``prune``, ``evaluate_perplexity``,
+    ``finetune``), checked before any work: a hub id passed where
     the loaded model belongs, or a text source passed positionally into the tokenizer's place
     (``evaluate_perplexity(model, "eval.txt")`` would otherwise score the default dataset)."""
     if not isinstance(model, nn.Module):
@@ -161,7 +162,8 @@ def _check_arguments(model: object, tokenizer: object, text_argument: str) -> No
             "transformers.AutoModelForCausalLM.from_pretrained or sparsellm.load_model"
         )
     if tokenizer is not None and not callable(tokenizer):
-        hint = f"; pass a text source as {text_argument}=" if isinstance(tokenizer, str) else ""
+        text = isinstance(tokenizer, str) and text_argument
+        hint = f"; pass a text source as {text_argument}=" if text else ""
         raise TypeError(
             f"tokenizer must be a tokenizer (callable) or None, got {shown(tokenizer)} "
             f"({type_name(tokenizer)}){hint}"
@@ -240,7 +242,7 @@ def evaluate_perplexity(
     can be scored. ``across_ranks``: under ``torch.distributed`` each rank scores a share of
     the windows (see :func:`~sparsellm.evaluation.windows_nll`). Bad arguments raise
     ``TypeError`` (model, tokenizer) or ``ConfigError`` naming the value, before any work."""
-    _check_arguments(model, tokenizer, "dataset")
+    check_api_arguments(model, tokenizer, "dataset")
     fields = {field.name: field for field in declared(EvalConfig)}
     arguments = {"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size}
     for name, value in arguments.items():

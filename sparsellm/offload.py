@@ -274,7 +274,8 @@ class ShardWriter:
 
     def _adopt(self, shard: int) -> None:
         """Take over shard ``shard`` written by an earlier run (its names and sizes)."""
-        from sparsellm.resume import ResumeError, read_header
+        from sparsellm.loading import ModelLoadError, check_safetensors
+        from sparsellm.resume import ResumeError
 
         file = self._file(shard)
         if not (self.directory / file).is_file():
@@ -282,16 +283,14 @@ class ShardWriter:
                 f"the resume record lacks {str(self.directory / file)!r}; remove "
                 f"{str(self.directory.parent)!r} to start over"
             )
-        from sparsellm.loading import ModelLoadError, check_safetensors
-
         try:  # damaged after its atomic write: it would be linked into the output as it is
-            check_safetensors(self.directory / file)
+            header = check_safetensors(self.directory / file)
         except ModelLoadError:
             raise ResumeError(
                 f"{str(self.directory / file)!r} in the resume record is damaged (truncated or "
                 f"unreadable); remove {str(self.directory.parent)!r} to start over"
             ) from None
-        header, _, _ = read_header(self.directory / file)
+        header.pop("__metadata__", None)
         for name, entry in header.items():
             self.weight_map[name] = file
             self.total_size += entry["data_offsets"][1] - entry["data_offsets"][0]

@@ -8,6 +8,7 @@ go to :class:`sparsellm.sparse.SparseLinear` as they are: the dense weight is ne
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ def load_model(
     """
     from sparsellm.config import check_device
 
-    if not isinstance(directory, str | Path):
+    if not isinstance(directory, str | os.PathLike):
         raise TypeError(f"directory must be a path, got {type(directory).__name__}")
     path = Path(directory)
     wanted = _dtype(dtype)

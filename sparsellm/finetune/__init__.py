@@ -107,11 +107,11 @@ def _run(
     progress: bool,
 ) -> FinetuneReport:
     """Check, set up, evaluate, train, evaluate again and report (see :func:`finetune`)."""
+    from sparsellm.api import check_api_arguments
     from sparsellm.config import check_device
     from sparsellm.preflight import check_windows
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a loaded causal LM (a torch nn.Module), got {model!r}")
+    check_api_arguments(model, None)
     settings = settings.checked(train_windows)
     # Ids past the vocabulary fail in the embedding lookup (an IndexError, or a device assert).
     check_windows(train_windows, "train_windows", model.config)

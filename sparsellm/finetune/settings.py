@@ -47,14 +47,11 @@ class RunSettings:
                 f"train_windows must hold integer token ids, not {train_windows.dtype}"
             )
         # A negative clipping norm flips every gradient (the step would climb the loss).
-        for name in ("max_grad_norm", "weight_decay"):
-            value = getattr(self, name)
-            positive = name == "max_grad_norm"
-            if value is None and positive:
-                continue
-            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
-                wanted = "a positive number" if positive else "a number >= 0"
-                raise ValueError(f"{name} must be {wanted}, got {value}")
+        norm = self.max_grad_norm
+        if norm is not None and not (math.isfinite(norm) and norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number, got {norm}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
         for name in ("eval_batch_size", "schedule_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None), got {getattr(self, name)}")
