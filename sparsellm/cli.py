@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from sparsellm.config import (
     BenchInferConfig,
@@ -39,6 +40,9 @@ from sparsellm.pruners import METHODS, methods_with, option_fields
 from sparsellm.settings import add_flag, add_flags, describe
 from sparsellm.solvers import NumericalError
 from sparsellm.stopping import Terminated, raise_if_stopped, signals_unwind
+
+if TYPE_CHECKING:
+    from sparsellm.preflight import PreparedInputs
 
 REPORT = "sparsity_report.json"
 CLI_ONLY = ("recipe", "run", "command", "quiet")
@@ -132,9 +136,9 @@ def run_prune(args: argparse.Namespace) -> int:
     from sparsellm.preflight import check_prune_inputs
 
     # Model source, output, windows within positions and vocabulary, before the model loads.
-    check_prune_inputs(config, offload)
+    prepared = check_prune_inputs(config, offload)
     _remove_stale(config.output)
-    session = _PruneSession(config, progress=not args.quiet, offload=offload)
+    session = _PruneSession(config, prepared, progress=not args.quiet, offload=offload)
     report = session.run(started)
     if not is_main():
         return 0
@@ -150,13 +154,17 @@ class _PruneSession:
     In memory, the model is loaded whole and saved at the end. Offloaded (``offload``), it is
     a skeleton whose blocks are read from the checkpoint's shards one at a time; the pruning
     store writes each pruned block into the staged output at once, and evaluation streams the
-    blocks from the source (dense) or from the shards written (pruned)."""
+    blocks from the source (dense) or from the shards written (pruned). ``prepared``: what
+    the preflight read (tokenizer, windows), used rather than read and tokenized again."""
 
-    def __init__(self, config: PruneConfig, progress: bool, offload: bool = False):
+    def __init__(
+        self, config: PruneConfig, prepared: PreparedInputs, progress: bool, offload: bool = False
+    ):
         from sparsellm.api import default_device
         from sparsellm.distributed import init_from_environment, is_main
 
         self.config = config
+        self.prepared = prepared
         # Under torchrun every rank runs this; rank 0 alone reports and writes.
         self.device = init_from_environment(default_device(config.device))
         self.main_rank = is_main()
@@ -191,6 +199,7 @@ class _PruneSession:
             self.model,
             self.tokenizer,
             config,
+            calibration_ids=self.prepared.calibration,
             progress=self.progress,
             store=store,
             record=self.record,
@@ -213,7 +222,7 @@ class _PruneSession:
             )
             self.model, self.tokenizer = self.offloaded.model, self.offloaded.tokenizer
         else:
-            self.model, self.tokenizer = _load(config, self.device)
+            self.model, self.tokenizer = _load(config, self.device, self.prepared.tokenizer)
 
     def write(self, report) -> object:
         """Write the pruned model and its report (rank 0); the output directory. The resume
@@ -258,8 +267,8 @@ class _PruneSession:
             self.record.release()
 
     def _eval_windows(self):
-        if not self.config.eval:
-            return None
+        if not self.config.eval or self.prepared.evaluation is not None:
+            return self.prepared.evaluation
         from sparsellm.data import evaluation_windows
 
         config = self.config
@@ -293,8 +302,11 @@ class _PruneSession:
         return value
 
 
-def _load(config: PruneConfig | EvalConfig | FinetuneConfig, device: object) -> tuple:
-    """The model and tokenizer ``config`` names, with its pickle and remote-code consent."""
+def _load(
+    config: PruneConfig | EvalConfig | FinetuneConfig, device: object, tokenizer: object = None
+) -> tuple:
+    """The model and tokenizer ``config`` names, with its pickle and remote-code consent
+    (``tokenizer``: one the preflight already loaded)."""
     from sparsellm.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(
@@ -303,6 +315,7 @@ def _load(config: PruneConfig | EvalConfig | FinetuneConfig, device: object) -> 
         device,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
+        tokenizer=tokenizer,
     )
 
 
@@ -325,18 +338,19 @@ def run_eval(args: argparse.Namespace) -> int:
         from sparsellm.evaluation import check_report_path
 
         check_report_path(report)
-    windows = None
+    windows = tokenizer = None
     if config.dataset is not None:
         from sparsellm.preflight import check_eval_inputs
 
         check_source(config.dataset)
-        windows = check_eval_inputs(config)  # read and checked before the model loads
+        # read and checked before the model loads
+        tokenizer, _, windows = check_eval_inputs(config)
     else:
         from sparsellm.preflight import check_model_source
 
         check_model_source(config.model, config.allow_pickle, config.trust_remote_code)
     device = init_from_environment(default_device(config.device))
-    model, tokenizer = _load(config, device)
+    model, tokenizer = _load(config, device, tokenizer)
     from sparsellm.guard import check_weights_finite
 
     check_weights_finite(model)  # a damaged checkpoint would score NaN; name the tensor instead
@@ -447,10 +461,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     from sparsellm.preflight import check_finetune_inputs
 
     # Model source, output and the windows (made here), before the model loads.
-    train, held_out = check_finetune_inputs(config, _finetune_windows)
+    (train, held_out), tokenizer = check_finetune_inputs(config, _finetune_windows)
     device = default_device(config.device)
     _remove_stale(config.output)
-    model, tokenizer = _load(config, device)
+    model, tokenizer = _load(config, device, tokenizer)
     result = finetune_from_config(
         model, train, config, eval_windows=held_out, device=device, progress=not args.quiet
     )

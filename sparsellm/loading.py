@@ -506,11 +506,13 @@ def load_model_and_tokenizer(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    tokenizer: object | None = None,
 ) -> tuple[torch.nn.Module, object]:
     """``(model, tokenizer)`` for a hub id, a local directory or a ``.gguf`` file, on the host.
 
     ``allow_pickle``: load a ``pytorch_model.bin`` (refused otherwise: unpickling can run code).
     ``trust_remote_code``: run the repository's own Python code if it needs it.
+    ``tokenizer``: the source's tokenizer, already loaded (a GGUF's takes seconds to build).
     Raises :class:`ModelLoadError` with a one-line explanation when it cannot.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -526,7 +528,10 @@ def load_model_and_tokenizer(
     kwargs: dict = {"dtype": torch.float32 if gguf and torch_dtype == "auto" else torch_dtype}
     if not gguf and not allow_pickle:
         kwargs["use_safetensors"] = True  # a hub download never falls back to a pickle
-    tokenizer = pretrained(AutoTokenizer, spec, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        tokenizer = pretrained(
+            AutoTokenizer, spec, "tokenizer", trust_remote_code=trust_remote_code
+        )
     directory = _local_directory(spec)
     from sparsellm.compressed import is_compressed, load_model
 

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -238,11 +238,21 @@ def check_output(output: str, config: object, dtype: str, device: str | None, sp
 # ---------------------------------------------------------------------------- subcommands
 
 
-def check_prune_inputs(config: PruneConfig, offload: bool = False) -> None:
+class PreparedInputs(NamedTuple):
+    """What :func:`check_prune_inputs` read to check them, handed on so the run does not read
+    and tokenize them again: the tokenizer and the windows of text sources (``None`` where
+    nothing was read: token tensors, which are cheap to load, and hub datasets)."""
+
+    tokenizer: object | None
+    calibration: torch.Tensor | None
+    evaluation: torch.Tensor | None
+
+
+def check_prune_inputs(config: PruneConfig, offload: bool = False) -> PreparedInputs:
     """Before the model loads: the model source, the output, every window within the model's
     positions and vocabulary, and the calibration text holding ``nsamples x seqlen`` tokens
     (token tensors are used as they are). Raises the one-line ``UserError`` the run would
-    raise later, or instead of the traceback it would end in."""
+    raise later, or instead of the traceback it would end in; returns what it read."""
     from sparsellm.data import calibration_windows, evaluation_windows
 
     model_config = check_model_source(config.model, config.allow_pickle, config.trust_remote_code)
@@ -261,44 +271,47 @@ def check_prune_inputs(config: PruneConfig, offload: bool = False) -> None:
     tokenizer = None
     if text_calibration or (config.eval and _is_local_text(config.eval)):
         tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    calibration = evaluation = None
     if calibrated:
         source = config.calibration
         if source.endswith(".pt"):
             _tensor_windows(source, model_config)
-        else:  # the windows themselves are cheap; drawing them is the check (its DataError)
-            ids = calibration_windows(
+        else:  # drawing the windows is the check (its DataError)
+            calibration = calibration_windows(
                 source, tokenizer, config.nsamples, config.seqlen, config.seed
             )
-            check_windows(ids, source, model_config)
+            check_windows(calibration, source, model_config)
     if config.eval and config.eval.endswith(".pt"):
         _tensor_windows(config.eval, model_config)
     elif config.eval and _is_local_text(config.eval):
-        ids = evaluation_windows(config.eval, tokenizer, eval_seqlen, config.eval_windows)
-        check_windows(ids, config.eval, model_config)
+        evaluation = evaluation_windows(config.eval, tokenizer, eval_seqlen, config.eval_windows)
+        check_windows(evaluation, config.eval, model_config)
+    return PreparedInputs(tokenizer, calibration, evaluation)
 
 
-def check_eval_inputs(config: EvalConfig) -> torch.Tensor:
+def check_eval_inputs(config: EvalConfig) -> PreparedInputs:
     """Before the model loads: the model source, ``seqlen`` within its positions, and the
     evaluation windows (read, tokenized and checked here, so the run does not read the text
-    again). Returns the windows."""
+    again). Returns them, and the tokenizer if one was loaded."""
     from sparsellm.data import evaluation_windows
 
     model_config = check_model_source(config.model, config.allow_pickle, config.trust_remote_code)
     if config.dataset.endswith(".pt"):
-        return _tensor_windows(config.dataset, model_config)[: config.max_windows]
+        windows = _tensor_windows(config.dataset, model_config)[: config.max_windows]
+        return PreparedInputs(None, None, windows)
     check_length("seqlen", config.seqlen, model_config)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     windows = evaluation_windows(config.dataset, tokenizer, config.seqlen, config.max_windows)
     check_windows(windows, config.dataset, model_config)
-    return windows
+    return PreparedInputs(tokenizer, None, windows)
 
 
 def check_finetune_inputs(
     config: FinetuneConfig, make_windows: Callable[[FinetuneConfig, object], Windows]
-) -> Windows:
+) -> tuple[Windows, object]:
     """Before the model loads: the model source, ``seqlen`` within its positions, the output,
     and the training and held-out windows (``make_windows(config, tokenizer)``, made here so
-    a text too short or not UTF-8 fails now), which are returned."""
+    a text too short or not UTF-8 fails now), which are returned with the tokenizer."""
     model_config = check_model_source(config.model, config.allow_pickle, config.trust_remote_code)
     check_length("seqlen", config.seqlen, model_config)
     check_output(config.output, model_config, config.dtype, config.device, config.model)
@@ -306,4 +319,4 @@ def check_finetune_inputs(
     train, held_out = make_windows(config, tokenizer)
     check_windows(train, config.data, model_config)
     check_windows(held_out, config.eval or config.data, model_config)
-    return train, held_out
+    return (train, held_out), tokenizer

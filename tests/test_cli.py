@@ -333,3 +333,65 @@ def test_a_flag_prefix_is_not_taken_for_a_longer_flag(capsys, command, flag):
     code, _, err = run(capsys, command, "--model", "m", flag, "64")
     assert code == 2
     assert f"unrecognized arguments: {flag} 64" in err
+
+
+def test_each_command_reads_its_text_and_tokenizer_once(
+    capsys, tmp_path, model_dir, calibration_text, monkeypatch
+):
+    """The preflight reads, tokenizes and checks the text sources before the model loads; the
+    run uses what it read (it used to load the tokenizer and tokenize every text again: 4 s
+    for a GGUF's tokenizer, longer for a large calibration set)."""
+    import transformers
+
+    import sparsellm.data
+
+    calls = {"tokenize": 0, "tokenizer": 0}
+    tokenize, from_pretrained = sparsellm.data.tokenize, transformers.AutoTokenizer.from_pretrained
+
+    def counted_tokenize(*args, **kwargs):
+        calls["tokenize"] += 1
+        return tokenize(*args, **kwargs)
+
+    def counted_load(*args, **kwargs):
+        calls["tokenizer"] += 1
+        return from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(sparsellm.data, "tokenize", counted_tokenize)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counted_load)
+    out_dir = tmp_path / "pruned"
+    code, out, err = run(capsys, "prune", "--model", model_dir, "--output", out_dir,
+                         "--method", "wanda", "--sparsity", 0.5, "--calibration",
+                         calibration_text, "--nsamples", 8, "--seqlen", 64, "--eval",
+                         calibration_text, "--eval-windows", 4, "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert calls == {"tokenize": 2, "tokenizer": 1}  # calibration and evaluation text
+    report = json.loads((out_dir / "sparsity_report.json").read_text())
+    assert report["config"]["calibration"] == str(calibration_text)
+    assert report["config"]["calibration_windows"] == [8, 64]
+    # the windows handed on are the ones prune_model draws from the same text
+    from sparsellm import prune_model
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = from_pretrained(model_dir)
+    prune_model(model, tokenizer, sparsity=0.5, method="wanda", nsamples=8, seqlen=64,
+                calibration=str(calibration_text), progress=False)  # fmt: skip
+    saved = AutoModelForCausalLM.from_pretrained(out_dir)
+    for (name, mine), (_, theirs) in zip(
+        saved.named_parameters(), model.named_parameters(), strict=True
+    ):
+        assert torch.equal(mine, theirs), name
+    pruned_ppl = report["perplexity"]["pruned"]
+
+    calls.update(tokenize=0, tokenizer=0)
+    code, out, err = run(capsys, "eval", "--model", out_dir, "--dataset", calibration_text,
+                         "--seqlen", 64, "--max-windows", 4, "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert calls == {"tokenize": 1, "tokenizer": 1}
+    assert f"perplexity {pruned_ppl:.4f}" in out
+
+    calls.update(tokenize=0, tokenizer=0)
+    code, out, err = run(capsys, "finetune", "--model", out_dir, "--output", tmp_path / "tuned",
+                         "--data", calibration_text, "--steps", 2, "--seqlen", 64,
+                         "--eval-windows", 2, "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert calls["tokenizer"] == 1
